@@ -1,0 +1,98 @@
+"""Process configuration, read once at start-up from the CLI and environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+_FALSE = {"0", "false", "no", "off", ""}
+
+DEFAULT_ADDR = "127.0.0.1:50051"
+# 64 MiB: a chat with a few base64 images fits; the gateway's own default
+# client limit is of that order. Larger requests get RESOURCE_EXHAUSTED from grpc.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    addr: str = DEFAULT_ADDR
+    auth_token: str | None = None
+    parent_watch: bool = True
+    parent_watch_interval: float = 2.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Requests admitted at once (generation + pooling); excess get
+    # RESOURCE_EXHAUSTED at once instead of queueing without bound. 0 = no cap.
+    max_concurrent_requests: int = 0
+    # Exit the process when the engine dies (the gateway restarts us) instead
+    # of reporting ERROR and waiting for a new LoadModel.
+    exit_on_engine_death: bool = False
+    grace_seconds: float = 10.0
+    log_level: str = "INFO"
+    # Log request content (prompts, messages); off by default since prompts
+    # may be private.
+    debug_requests: bool = False
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    return raw.strip().lower() not in _FALSE
+
+
+def _number(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not a number") from None
+
+
+def parse_config(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> ServerConfig:
+    """CLI flags win over environment variables; `--addr=X` and `--addr X` both work."""
+    parser = argparse.ArgumentParser(prog="backend", description="vLLM gRPC backend worker")
+    parser.add_argument(
+        "--addr",
+        default=env.get("BACKEND_ADDR", DEFAULT_ADDR),
+        help="HOST:PORT to listen on (default loopback: binding elsewhere must be explicit)",
+    )
+    parser.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=int(_number(env, "BACKEND_MAX_CONCURRENT_REQUESTS", 0)),
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=int(_number(env, "BACKEND_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)),
+    )
+    parser.add_argument(
+        "--exit-on-engine-death",
+        action=argparse.BooleanOptionalAction,
+        default=_flag(env, "BACKEND_EXIT_ON_ENGINE_DEATH", False),
+    )
+    parser.add_argument("--log-level", default=env.get("BACKEND_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--debug-requests",
+        action="store_true",
+        default=_flag(env, "BACKEND_DEBUG_REQUESTS", False),
+        help="log request content (prompts may be private)",
+    )
+    args = parser.parse_args(list(argv))
+    token = env.get("LOCALAI_GRPC_AUTH_TOKEN") or None
+    return ServerConfig(
+        addr=args.addr,
+        auth_token=token,
+        parent_watch=_flag(env, "LOCALAI_BACKEND_PARENT_WATCH", True),
+        parent_watch_interval=max(0.1, _number(env, "LOCALAI_BACKEND_PARENT_WATCH_INTERVAL", 2.0)),
+        max_message_bytes=args.max_message_bytes,
+        max_concurrent_requests=max(0, args.max_concurrent_requests),
+        exit_on_engine_death=args.exit_on_engine_death,
+        grace_seconds=_number(env, "BACKEND_GRACE_SECONDS", 10.0),
+        log_level=args.log_level.upper(),
+        debug_requests=args.debug_requests,
+    )

@@ -1,0 +1,279 @@
+"""The one module that imports vLLM eagerly: build, drive and stop `AsyncLLM`.
+
+Everything vLLM-version-specific about starting the engine, feeding it
+prompts and reading its tokenizer is here; the servicer sees `Engine`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.reasoning import ReasoningParserManager
+from vllm.renderers.online_renderer import OnlineRenderer
+from vllm.tool_parsers import ToolParserManager
+from vllm.outputs import RequestOutput
+from vllm.renderers.inputs.preprocess import parse_model_prompt
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from backend.errors import InvalidArgument
+from backend.load_options import LoadPlan, closest
+
+log = logging.getLogger(__name__)
+
+_TRUE = {"1", "true", "yes", "on", ""}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class _ParserError(Exception):
+    pass
+
+
+class _RaisingParser(FlexibleArgumentParser):
+    """vLLM's parser, but errors raise instead of exiting the process."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _ParserError(message)
+
+
+class VllmFlagParser:
+    """`FlagParser` backed by vLLM's own `EngineArgs` CLI definition.
+
+    Values are coerced exactly as `vllm serve` coerces them (JSON for config
+    objects, choices checked, booleans with `--no-` forms). All defaults are
+    suppressed so only the flags given come back.
+    """
+
+    def __init__(self) -> None:
+        parser = _RaisingParser(add_help=False)
+        AsyncEngineArgs.add_cli_args(parser)
+        self._actions: dict[str, argparse.Action] = {}
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+            action.required = False
+            for opt in action.option_strings:
+                self._actions[opt] = action
+        self._parser = parser
+        import dataclasses
+
+        self.field_names = frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+
+    def option_for(self, key: str) -> str | None:
+        dashed = key.replace("_", "-")
+        for option in ("--" + dashed, "-" + dashed):
+            if option in self._actions:
+                return option
+        return None
+
+    def parse(self, flags: Sequence[tuple[str, str | None]]) -> dict[str, Any]:
+        argv: list[str] = []
+        direct: dict[str, Any] = {}
+        for flag, value in flags:
+            action = self._actions.get(flag)
+            if action is None:
+                raise InvalidArgument(
+                    f"unknown vLLM engine flag {flag}{closest(flag, self._actions)}"
+                )
+            if action.nargs == 0:  # a switch: store_true or BooleanOptionalAction
+                text = (value or "").strip().lower()
+                if text not in _TRUE | _FALSE:
+                    raise InvalidArgument(f"{flag} is a switch; {value!r} is not true/false")
+                # `--no-x` stores False for x; `--no-x:false` means x stays on.
+                negated = flag.startswith("--no-") and flag[5:].replace("-", "_") == action.dest
+                direct[action.dest] = (text in _TRUE) != negated
+                continue
+            if value is None or value == "":
+                raise InvalidArgument(f"{flag} needs a value")
+            argv += [flag, value]
+        try:
+            parsed = vars(self._parser.parse_args(argv))
+        except _ParserError as e:
+            raise InvalidArgument(f"bad engine option: {e}") from None
+        parsed.update(direct)
+        return parsed
+
+
+_flag_parser: VllmFlagParser | None = None
+
+
+def flag_parser() -> VllmFlagParser:
+    """Built once per process (~1 s: vLLM builds ~250 argparse actions)."""
+    global _flag_parser
+    if _flag_parser is None:
+        _flag_parser = VllmFlagParser()
+    return _flag_parser
+
+
+def known_parsers() -> tuple[list[str], list[str]]:
+    """Registered (tool parser names, reasoning parser names) of this vLLM."""
+    return (
+        sorted(ToolParserManager.list_registered()),
+        sorted(ReasoningParserManager.list_registered()),
+    )
+
+
+def _pydantic_message(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:5]:
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return "; ".join(parts)
+
+
+def sampling_params(kwargs: dict[str, Any], *, stream: bool) -> SamplingParams:
+    """SamplingParams from `backend.sampling` kwargs; vLLM's own checks → INVALID_ARGUMENT."""
+    kw = dict(kwargs)
+    structured = kw.pop("structured_outputs", None)
+    try:
+        if isinstance(structured, dict):
+            structured = StructuredOutputsParams(**structured)
+        if structured is not None:
+            kw["structured_outputs"] = structured
+        # DELTA: vLLM hands us only what is new, and merges outputs a slow
+        # consumer has not read yet. FINAL_ONLY for unary calls: one output.
+        kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+        return SamplingParams(output_kind=kind, **kw)
+    except (ValueError, TypeError) as e:
+        raise InvalidArgument(f"invalid sampling parameters: {e}") from None
+    except Exception as e:
+        if type(e).__name__ == "VLLMValidationError":
+            raise InvalidArgument(f"invalid sampling parameters: {e}") from None
+        raise
+
+
+class Engine:
+    """A started `AsyncLLM` and what we read from it once."""
+
+    def __init__(self, llm: AsyncLLM, plan: LoadPlan, load_seconds: float) -> None:
+        self.llm = llm
+        self.plan = plan
+        self.load_seconds = load_seconds
+        self.model_config = llm.model_config
+        self.max_model_len: int = llm.model_config.max_model_len
+        self.tokenizer = llm.get_tokenizer()
+        self.renderer = llm.renderer
+        self.vocab_size: int = len(self.tokenizer)
+
+    @classmethod
+    async def start(cls, plan: LoadPlan) -> Engine:
+        """Start the engine without blocking the event loop.
+
+        AsyncLLM's constructor blocks for the whole engine start (seconds to
+        minutes); it runs in a thread so Health/Status keep answering. vLLM
+        supports construction outside a running loop: its output tasks start
+        lazily, and we start them as soon as we are back on the loop.
+        """
+        try:
+            args = AsyncEngineArgs(**plan.engine_kwargs)
+        except TypeError as e:
+            raise InvalidArgument(f"bad engine arguments: {e}") from None
+        started = time.monotonic()
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        try:
+            llm._run_output_handler()
+            # Without this, an engine that dies before the first request is
+            # only noticed when that request arrives.
+            llm.engine_core._ensure_output_queue_task()  # type: ignore[attr-defined]
+            engine = cls(llm, plan, time.monotonic() - started)
+        except BaseException:
+            llm.shutdown()
+            raise
+        return engine
+
+    @property
+    def errored(self) -> bool:
+        return bool(self.llm.errored)
+
+    @property
+    def num_unfinished(self) -> int:
+        return int(self.llm.get_num_unfinished_requests())
+
+    async def render_prompt(self, text: str) -> Any:
+        """Raw prompt text → engine input (tokenized off the event loop by vLLM)."""
+        parsed = parse_model_prompt(self.model_config, {"prompt": text})
+        (engine_input,) = await self.renderer.render_cmpl_async([parsed])
+        return engine_input
+
+    def online_renderer(
+        self, chat_template: str | None, tool_parser: str | None, reasoning_parser: str | None
+    ) -> OnlineRenderer:
+        """The chat front half of vLLM's OpenAI server, built once per model."""
+        online = OnlineRenderer(
+            model_config=self.model_config,
+            renderer=self.renderer,
+            request_logger=None,
+            chat_template=chat_template,
+            chat_template_content_format="auto",
+            # Without this vLLM drops the tool parser entirely.
+            enable_auto_tools=True,
+            # tool_choice "none" means the model is not offered the tools.
+            exclude_tools_when_tool_choice_none=True,
+            tool_parser=tool_parser,
+            reasoning_parser=reasoning_parser,
+        )
+        online.warmup()
+        return online
+
+    async def render_chat(
+        self, online: OnlineRenderer, body: dict[str, Any]
+    ) -> tuple[ChatCompletionRequest, Any, dict[str, Any]]:
+        """OpenAI chat body → (validated request, engine input, template kwargs).
+
+        The request object is mutated by the parsers' `adjust_request`
+        (structured-output tags, skip_special_tokens); callers read it after.
+        """
+        try:
+            req = ChatCompletionRequest.model_validate(body)
+        except ValidationError as e:
+            raise InvalidArgument(f"invalid chat request: {_pydantic_message(e)}") from None
+        template_kwargs = online.effective_chat_template_kwargs(req)
+        result = await online.render_chat(req)
+        if isinstance(result, ErrorResponse):
+            raise InvalidArgument(result.error.message)
+        _, engine_inputs = result
+        return req, engine_inputs[0], template_kwargs
+
+    def generate(
+        self, engine_input: Any, params: SamplingParams, request_id: str, **kwargs: Any
+    ) -> AsyncIterator[RequestOutput]:
+        # vLLM aborts the request itself when this generator is cancelled or
+        # closed (CancelledError/GeneratorExit → abort): cancellation of the
+        # RPC task is all it takes, so nothing here swallows it.
+        return self.llm.generate(engine_input, params, request_id, **kwargs)
+
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise InvalidArgument(
+                f"token ids out of vocabulary (size {self.vocab_size}): {bad[:10]}"
+            )
+        return str(self.tokenizer.decode(list(ids)))
+
+    async def shutdown(self) -> None:
+        """Stop the engine processes and drop our references to its memory."""
+        llm = self.llm
+        try:
+            await asyncio.to_thread(llm.shutdown)
+        except Exception:
+            # The engine may already be dead; its processes are gone either way.
+            log.warning("engine shutdown reported an error", exc_info=True)
+        del llm
+        gc.collect()

@@ -1,0 +1,280 @@
+"""ModelOptions → vLLM engine arguments plus this backend's own settings.
+
+Three layers, later wins: the typed ModelOptions fields, then `Options[]`,
+then `EngineArgs` (a JSON object). Each layer is validated on its own so an
+error names where the bad value came from.
+
+`Options[]` entries are `key:value` (split at the first `:`). Keys may be
+written with `_` or `-` and with or without a leading `--`, so users can paste
+vLLM CLI flags: `--enable-prefix-caching`, `--max-num-seqs:8`,
+`--max-num-seqs=8`. Keys this backend owns (`BACKEND_KEYS`) are taken first;
+every other key must be a vLLM engine flag and is parsed by vLLM's own
+argument parser (passed in as `FlagParser`), so values are coerced exactly as
+`vllm serve` would coerce them.
+
+This module imports no vLLM: the engine module provides the parser.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from backend.errors import InvalidArgument
+
+# Options keys that configure this backend rather than the engine.
+BACKEND_KEYS = {
+    "tool_parser": "vLLM tool-call parser name (e.g. hermes), or 'none'",
+    "reasoning_parser": "vLLM reasoning parser name (e.g. qwen3), or 'none'",
+    "chat_template": "a Jinja chat template, inline or a path to a file",
+    "tool_parser_plugin": "path of a Python file registering extra tool parsers",
+}
+
+
+class FlagParser(Protocol):
+    """vLLM's engine-argument parser, reduced to what we need."""
+
+    field_names: frozenset[str]
+
+    def option_for(self, key: str) -> str | None:
+        """The CLI option string for a normalized key (`max_num_seqs` →
+        `--max-num-seqs`, `no_enable_x` → `--no-enable-x`, `tp` → `-tp`), or None."""
+        ...
+
+    def parse(self, flags: Sequence[tuple[str, str | None]]) -> dict[str, Any]:
+        """(`--flag-name`, value or None for a bare flag) → {engine field: value}.
+
+        Raises InvalidArgument naming the flag on an unknown flag or bad value.
+        """
+        ...
+
+
+class ModelOptionsLike(Protocol):
+    Model: str
+    ModelFile: str
+    ModelPath: str
+    ContextSize: int
+    MaxModelLen: int
+    Seed: int
+    DType: str
+    Quantization: str
+    LoadFormat: str
+    GPUMemoryUtilization: float
+    TrustRemoteCode: bool
+    EnforceEager: bool
+    SwapSpace: int
+    TensorParallelSize: int
+    Tokenizer: str
+    DisableLogStatus: bool
+    LimitImagePerPrompt: int
+    LimitVideoPerPrompt: int
+    LimitAudioPerPrompt: int
+    Options: Sequence[str]
+    EngineArgs: str
+
+
+@dataclass
+class BackendSettings:
+    tool_parser: str | None = None
+    reasoning_parser: str | None = None
+    chat_template: str | None = None
+    tool_parser_plugin: str | None = None
+
+
+@dataclass
+class LoadPlan:
+    """Everything LoadModel decided before starting the engine."""
+
+    engine_kwargs: dict[str, Any]
+    settings: BackendSettings
+    # Said once in the log: fields we accept but cannot honour.
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def model(self) -> str:
+        return str(self.engine_kwargs["model"])
+
+
+def normalize_key(key: str) -> str:
+    return key.strip().lstrip("-").replace("-", "_")
+
+
+def split_option(entry: str) -> tuple[str, str | None]:
+    """One `Options[]` entry → (normalized key, value or None for a bare flag).
+
+    `--flag=value` is split at `=` when the `=` comes before any `:` (a JSON
+    value after `=` may itself contain `:`), and `key=value` when there is no
+    `:` at all; otherwise at the first `:`.
+    A bare entry is only allowed as a CLI flag (`--flag`).
+    """
+    text = entry.strip()
+    if not text:
+        raise InvalidArgument("Options has an empty entry")
+    eq, colon = text.find("="), text.find(":")
+    if eq > 0 and (colon < 0 or (text.startswith("-") and eq < colon)):
+        key, value = text[:eq], text[eq + 1 :]
+    elif colon > 0:
+        key, value = text[:colon], text[colon + 1 :]
+    elif text.startswith("--"):
+        return normalize_key(text), None
+    else:
+        raise InvalidArgument(
+            f"Options entry {entry!r} has no value: write key:value (or --flag for a switch)"
+        )
+    key = normalize_key(key)
+    if not key:
+        raise InvalidArgument(f"Options entry {entry!r} has an empty key")
+    return key, value.strip()
+
+
+def closest(name: str, choices: Iterable[str]) -> str:
+    """A ' (did you mean X?)' hint, or ''."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def resolve_model(opts: ModelOptionsLike) -> str:
+    """The model reference vLLM should load.
+
+    The gateway passes the user's model name in `Model` and, for file-based
+    backends, `ModelFile` = ModelPath/Model. For vLLM, Model is usually a hub
+    id or a directory; a local directory under the gateway's models path
+    (ModelFile, or ModelPath/Model) wins when it exists, so a model the
+    gateway downloaded is used instead of reaching for the hub.
+    """
+    candidates = []
+    if opts.ModelFile:
+        candidates.append(opts.ModelFile)
+    if opts.ModelPath and opts.Model and not os.path.isabs(opts.Model):
+        candidates.append(os.path.join(opts.ModelPath, opts.Model))
+    for path in candidates:
+        if os.path.isdir(path):
+            return path
+    if opts.Model:
+        return opts.Model
+    if opts.ModelFile:
+        return opts.ModelFile
+    raise InvalidArgument("ModelOptions.Model is empty: name a model (hub id or directory)")
+
+
+def typed_fields(opts: ModelOptionsLike) -> tuple[dict[str, Any], list[str]]:
+    """The typed ModelOptions fields that are set (non-zero) → engine kwargs."""
+    kw: dict[str, Any] = {"model": resolve_model(opts)}
+    warnings: list[str] = []
+    if opts.MaxModelLen < 0 or opts.ContextSize < 0:
+        raise InvalidArgument("ContextSize/MaxModelLen must be >= 0")
+    if opts.MaxModelLen or opts.ContextSize:
+        # MaxModelLen is the vLLM-specific field; it wins over the generic one.
+        kw["max_model_len"] = opts.MaxModelLen or opts.ContextSize
+    for src, dst in (
+        ("DType", "dtype"),
+        ("Quantization", "quantization"),
+        ("LoadFormat", "load_format"),
+        ("Tokenizer", "tokenizer"),
+    ):
+        value = getattr(opts, src).strip()
+        if value:
+            kw[dst] = value
+    if opts.GPUMemoryUtilization:
+        if not 0 < opts.GPUMemoryUtilization <= 1:
+            raise InvalidArgument(
+                f"GPUMemoryUtilization must be in (0, 1], got {opts.GPUMemoryUtilization}"
+            )
+        kw["gpu_memory_utilization"] = float(opts.GPUMemoryUtilization)
+    if opts.TrustRemoteCode:
+        kw["trust_remote_code"] = True
+    if opts.EnforceEager:
+        kw["enforce_eager"] = True
+    if opts.TensorParallelSize < 0:
+        raise InvalidArgument("TensorParallelSize must be >= 0")
+    if opts.TensorParallelSize:
+        kw["tensor_parallel_size"] = opts.TensorParallelSize
+    if opts.Seed:
+        kw["seed"] = opts.Seed
+    if opts.DisableLogStatus:
+        kw["disable_log_stats"] = True
+    limits = {
+        "image": opts.LimitImagePerPrompt,
+        "video": opts.LimitVideoPerPrompt,
+        "audio": opts.LimitAudioPerPrompt,
+    }
+    if any(v < 0 for v in limits.values()):
+        raise InvalidArgument("Limit{Image,Video,Audio}PerPrompt must be >= 0")
+    limits = {k: v for k, v in limits.items() if v}
+    if limits:
+        kw["limit_mm_per_prompt"] = limits
+    if opts.SwapSpace:
+        warnings.append(
+            f"SwapSpace={opts.SwapSpace} is ignored: this vLLM version has no CPU swap "
+            "space (use Options cpu_offload_gb or kv offloading instead)"
+        )
+    return kw, warnings
+
+
+def options_layer(
+    entries: Sequence[str], parser: FlagParser
+) -> tuple[dict[str, Any], BackendSettings]:
+    settings = BackendSettings()
+    flags: list[tuple[str, str | None]] = []
+    for entry in entries:
+        key, value = split_option(entry)
+        if key in BACKEND_KEYS:
+            if not value:
+                raise InvalidArgument(f"Options {key} needs a value: {BACKEND_KEYS[key]}")
+            setattr(settings, key, value)
+            continue
+        option = parser.option_for(key)
+        if option is None:
+            raise InvalidArgument(
+                f"Options entry {entry!r}: {key!r} is neither a vLLM engine argument nor "
+                f"a backend option{closest(key, [*parser.field_names, *BACKEND_KEYS])}"
+            )
+        flags.append((option, value))
+    return parser.parse(flags), settings
+
+
+def engine_args_layer(raw: str, field_names: frozenset[str]) -> dict[str, Any]:
+    """The strict `EngineArgs` JSON object: every key must be an engine field."""
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InvalidArgument(f"EngineArgs is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument("EngineArgs must be a JSON object of vLLM engine arguments")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = normalize_key(str(key))
+        if name not in field_names:
+            raise InvalidArgument(
+                f"EngineArgs key {key!r} is not a vLLM engine argument{closest(name, field_names)}"
+            )
+        out[name] = value
+    return out
+
+
+def build_load_plan(opts: ModelOptionsLike, parser: FlagParser) -> LoadPlan:
+    kwargs, warnings = typed_fields(opts)
+    from_options, settings = options_layer(list(opts.Options), parser)
+    kwargs.update(from_options)
+    kwargs.update(engine_args_layer(opts.EngineArgs, parser.field_names))
+    for key in ("tool_parser", "reasoning_parser"):
+        value = getattr(settings, key)
+        if value is not None and value.lower() == "none":
+            setattr(settings, key, "")  # explicit "no parser": disables auto-choice
+    if settings.reasoning_parser:
+        # As `vllm serve --reasoning-parser` does: the engine then applies a
+        # structured-output constraint only after the reasoning section.
+        kwargs.setdefault("reasoning_parser", settings.reasoning_parser)
+    return LoadPlan(engine_kwargs=kwargs, settings=settings, warnings=warnings)
+
+
+def describe(kwargs: Mapping[str, Any]) -> str:
+    """Engine kwargs for the log, secrets masked."""
+    shown = {k: ("***" if "token" in k else v) for k, v in sorted(kwargs.items())}
+    return ", ".join(f"{k}={v!r}" for k, v in shown.items())

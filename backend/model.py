@@ -1,0 +1,207 @@
+"""A loaded model: the engine plus what each request needs prepared.
+
+`prepare` turns one PredictOptions into an engine input, SamplingParams and
+a fresh `OutputState`. Chat requests go through vLLM's `OnlineRenderer` —
+the object vLLM's OpenAI server renders chats with — so templates, tool
+definitions, `tool_choice` constraints and the parsers' request adjustments
+(`skip_special_tokens`, structural tags) are exactly those of `vllm serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from backend import engine as eng
+from backend import prompts
+from backend.config import ServerConfig
+from backend.errors import InvalidArgument
+from backend.gen import backend_pb2 as pb
+from backend.load_options import build_load_plan, describe
+from backend.parsing import LogprobsSink, OutputState, choose_parsers
+from backend.replies import Usage, reply
+from backend.sampling import sampling_kwargs
+
+log = logging.getLogger(__name__)
+
+# Sampling fields whose unset value falls back to the model's
+# generation_config.json, as `vllm serve` does. Temperature is not among
+# them: a 0 that reaches us was asked for (see sampling.py).
+_GENERATION_DEFAULTS = ("top_p", "top_k", "min_p", "repetition_penalty",
+                        "presence_penalty", "frequency_penalty", "max_tokens")
+
+
+@dataclass
+class Prepared:
+    engine_input: Any
+    params: Any
+    state: OutputState
+    chat: bool
+    generate_kwargs: dict[str, Any]
+
+
+class LoadedModel:
+    def __init__(
+        self,
+        engine: eng.Engine,
+        identity: str,
+        online: Any | None,
+        parser_cls: Any | None,
+        parsers: tuple[str | None, str | None],
+    ) -> None:
+        self.engine = engine
+        self.identity = identity
+        self.online = online
+        self.parser_cls = parser_cls
+        self.tool_parser, self.reasoning_parser = parsers
+        self.defaults = {
+            k: v
+            for k, v in engine.model_config.get_diff_sampling_param().items()
+            if k in _GENERATION_DEFAULTS
+        }
+
+    @classmethod
+    async def load(cls, request: pb.ModelOptions, config: ServerConfig) -> LoadedModel:
+        parser = await asyncio.to_thread(eng.flag_parser)
+        plan = build_load_plan(request, parser)
+        for warning in plan.warnings:
+            log.warning("LoadModel: %s", warning)
+        known_tool, known_reasoning = eng.known_parsers()
+        settings = plan.settings
+        # Explicit parser names are checked before the (slow) engine start.
+        choose_parsers(
+            settings.tool_parser, settings.reasoning_parser, model_type="", architectures=(),
+            name="", known_tool=known_tool, known_reasoning=known_reasoning,
+        )
+        chat_template = _read_template(settings.chat_template)
+        if plan.engine_kwargs.get("trust_remote_code"):
+            log.warning("trust_remote_code is ON: the model's own Python code will run")
+        log.info("loading %s: %s", plan.model, describe(plan.engine_kwargs))
+        engine = await eng.Engine.start(plan)
+        try:
+            hf = engine.model_config.hf_config
+            parsers = choose_parsers(
+                settings.tool_parser,
+                settings.reasoning_parser,
+                model_type=str(getattr(hf, "model_type", "") or ""),
+                architectures=list(getattr(hf, "architectures", None) or ()),
+                name=plan.model,
+                known_tool=known_tool,
+                known_reasoning=known_reasoning,
+            )
+            online = engine.online_renderer(chat_template, *parsers)
+            model = cls(engine, request.Model or plan.model, online, online.parser, parsers)
+        except BaseException:
+            await engine.shutdown()
+            raise
+        log.info("model %s ready in %.1fs", plan.model, engine.load_seconds)
+        return model
+
+    def summary(self) -> str:
+        return (
+            f"loaded {self.identity} in {self.engine.load_seconds:.1f}s "
+            f"(max_model_len {self.engine.max_model_len}, tool parser "
+            f"{self.tool_parser or 'none'}, reasoning parser {self.reasoning_parser or 'none'})"
+        )
+
+    async def close(self) -> None:
+        await self.engine.shutdown()
+
+    # ---- per request --------------------------------------------------------
+
+    def _sampling(self, request: pb.PredictOptions) -> dict[str, Any]:
+        kw = sampling_kwargs(request)
+        merged = {k: v for k, v in self.defaults.items() if kw.get(k) is None}
+        merged.update({k: v for k, v in kw.items() if v is not None or k not in merged})
+        return merged
+
+    def _logprobs(self, kw: dict[str, Any], request: pb.PredictOptions) -> LogprobsSink | None:
+        if kw.get("logprobs") is None:
+            return None
+        tokenizer = self.engine.tokenizer
+        return LogprobsSink(top_n=request.TopLogprobs, decode=lambda i: tokenizer.decode([i]))
+
+    def _clamp(self, kw: dict[str, Any], engine_input: Any) -> None:
+        """Cap max_tokens at what the context has left, as `vllm serve` does
+        (vLLM itself would reject the request instead)."""
+        if kw.get("max_tokens") is not None:
+            room = self.engine.max_model_len - len(engine_input.get("prompt_token_ids") or ())
+            kw["max_tokens"] = max(1, min(kw["max_tokens"], room))
+
+    async def prepare(self, request: pb.PredictOptions, *, stream: bool) -> Prepared:
+        kw = self._sampling(request)
+        if request.UseTokenizerTemplate:
+            return await self._prepare_chat(request, kw, stream)
+        if not request.Prompt:
+            raise InvalidArgument("Prompt is empty (set Prompt, or UseTokenizerTemplate with Messages)")
+        engine_input = await self.engine.render_prompt(request.Prompt)
+        self._clamp(kw, engine_input)
+        params = eng.sampling_params(kw, stream=stream)
+        state = OutputState(None, None, self._logprobs(kw, request))
+        return Prepared(engine_input, params, state, chat=False, generate_kwargs={})
+
+    async def _prepare_chat(self, request: pb.PredictOptions, kw: dict[str, Any], stream: bool) -> Prepared:
+        chat = prompts.chat_input(request)
+        body: dict[str, Any] = {
+            "messages": chat.messages,
+            "stream": stream,
+            "chat_template_kwargs": chat.template_kwargs,
+        }
+        if chat.tools:
+            body["tools"] = chat.tools
+            body["tool_choice"] = chat.tool_choice.to_openai()
+        if "structured_outputs" in kw:
+            body["structured_outputs"] = kw.pop("structured_outputs")
+        req, engine_input, template_kwargs = await self.engine.render_chat(self.online, body)
+        # The parsers' request adjustments (adjust_request) live on `req`.
+        kw["structured_outputs"] = req.structured_outputs
+        kw["skip_special_tokens"] = (
+            chat.skip_special_tokens if chat.skip_special_tokens is not None else req.skip_special_tokens
+        )
+        self._clamp(kw, engine_input)
+        params = eng.sampling_params(kw, stream=stream)
+        parser = None
+        if self.parser_cls is not None:
+            parser = self.parser_cls(
+                self.engine.tokenizer, req.tools,
+                chat_template_kwargs=template_kwargs, model_config=self.engine.model_config,
+            )
+        state = OutputState(parser, req, self._logprobs(kw, request))
+        prompt_ids = engine_input.get("prompt_token_ids")
+        state.prompt_token_ids = prompt_ids
+        gen_kwargs: dict[str, Any] = {}
+        if parser is not None and parser.reasoning_parser is not None:
+            gen_kwargs = {
+                "reasoning_ended": req.resolve_reasoning_ended(parser, prompt_ids),
+                "reasoning_parser_kwargs": {"chat_template_kwargs": template_kwargs},
+            }
+        return Prepared(engine_input, params, state, chat=True, generate_kwargs=gen_kwargs)
+
+    def unary_reply(self, prep: Prepared, out: Any, started: float) -> pb.Reply:
+        completion = out.outputs[0]
+        piece = prep.state.parse_whole(completion.text, completion.token_ids, completion.logprobs)
+        done = time.monotonic()
+        total_ms = (done - started) * 1000.0
+        first = getattr(out.metrics, "first_token_latency", 0.0) if out.metrics else 0.0
+        prompt_ms = min(first * 1000.0, total_ms) if first else 0.0
+        usage = Usage(
+            prompt_tokens=len(out.prompt_token_ids or ()),
+            completion_tokens=len(completion.token_ids),
+            prompt_ms=prompt_ms,
+            generation_ms=total_ms - prompt_ms,
+        )
+        return reply(piece, chat=prep.chat, usage=usage, logprobs=prep.state.all_logprobs())
+
+
+def _read_template(value: str | None) -> str | None:
+    """`chat_template` option: a path to a file, or the template itself."""
+    if not value:
+        return None
+    if len(value) < 4096 and os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    return value

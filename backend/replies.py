@@ -1,0 +1,132 @@
+"""Reply / ChatDelta / logprobs builders: engine results → protobuf messages.
+
+Rule for `Reply.message` vs `chat_deltas` (the gateway reads both, see
+wire-contract.md): `message` carries the *content* text only — what the end
+user reads as the answer, never reasoning or tool-call markup — and when the
+request is a chat (or a parser is active) `chat_deltas` carry the same content
+plus reasoning and tool calls. So `message` always equals the concatenation
+of `chat_deltas[].content`, streamed or not. Nothing is repeated in the final
+streamed Reply: it carries only what was held back, plus usage and the whole
+completion's logprobs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from backend.gen import backend_pb2 as pb
+
+
+@dataclass(slots=True)
+class ToolCallPiece:
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(slots=True)
+class ChatPiece:
+    """What one step adds to the answer, already split by the parsers."""
+
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCallPiece] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.content or self.reasoning or self.tool_calls)
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_ms: float = 0.0
+    generation_ms: float = 0.0
+
+
+def chat_delta(piece: ChatPiece) -> pb.ChatDelta:
+    return pb.ChatDelta(
+        content=piece.content,
+        reasoning_content=piece.reasoning,
+        tool_calls=[
+            pb.ToolCallDelta(index=t.index, id=t.id, name=t.name, arguments=t.arguments)
+            for t in piece.tool_calls
+        ],
+    )
+
+
+def reply(
+    piece: ChatPiece | None,
+    *,
+    chat: bool,
+    usage: Usage | None = None,
+    logprobs: bytes = b"",
+) -> pb.Reply:
+    """One Reply: a streamed chunk (usage None) or a final/unary one."""
+    out = pb.Reply()
+    if piece is not None:
+        if piece.content:
+            out.message = piece.content.encode("utf-8", "surrogatepass")
+        if chat and piece:
+            out.chat_deltas.append(chat_delta(piece))
+    if usage is not None:
+        out.tokens = usage.completion_tokens
+        out.prompt_tokens = usage.prompt_tokens
+        out.timing_prompt_processing = usage.prompt_ms
+        out.timing_token_generation = usage.generation_ms
+    if logprobs:
+        out.logprobs = logprobs
+    return out
+
+
+# ---- logprobs: vLLM SampleLogprobs → OpenAI chat `logprobs` JSON ----------------
+
+
+def _entry(token: str, logprob: float) -> dict[str, Any]:
+    return {
+        "token": token,
+        "logprob": max(logprob, -9999.0),  # OpenAI's floor for -inf
+        "bytes": list(token.encode("utf-8", "surrogatepass")),
+    }
+
+
+def logprob_entries(
+    token_ids: Sequence[int],
+    positions: Iterable[Mapping[int, Any] | None],
+    top_n: int,
+    decode: Any,
+) -> list[dict[str, Any]]:
+    """One OpenAI `content[]` entry per generated token.
+
+    `positions[i]` maps token id → vLLM `Logprob` (logprob, rank,
+    decoded_token) and always includes the sampled token `token_ids[i]`.
+    `decode(id)` is the fallback when vLLM did not decode a token.
+    """
+    out: list[dict[str, Any]] = []
+    for token_id, position in zip(token_ids, positions, strict=False):
+        if not position:
+            continue
+        chosen = position.get(token_id)
+        if chosen is None:
+            continue
+        text = chosen.decoded_token if chosen.decoded_token is not None else decode(token_id)
+        entry = _entry(text, chosen.logprob)
+        tops = sorted(
+            position.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30)
+        )
+        entry["top_logprobs"] = [
+            _entry(lp.decoded_token if lp.decoded_token is not None else decode(tid), lp.logprob)
+            for tid, lp in tops[:top_n]
+        ]
+        out.append(entry)
+    return out
+
+
+def logprobs_json(entries: list[dict[str, Any]]) -> bytes:
+    if not entries:
+        return b""
+    return json.dumps({"content": entries}, ensure_ascii=False, separators=(",", ":")).encode()

@@ -1,0 +1,136 @@
+"""The grpc.aio server: options, auth, signals, parent watch and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from backend.config import ServerConfig
+from backend.gen import backend_pb2_grpc
+from backend.servicer import BackendServicer
+
+log = logging.getLogger(__name__)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Every RPC must carry `authorization: Bearer <token>` (constant-time check)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        given = b""
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else value
+                break
+        if hmac.compare_digest(given, self._expected):
+            return handler
+        return _denied(handler)
+
+
+def _denied(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+    message = "missing or invalid authorization bearer token"
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    deserializer = handler.request_deserializer if handler else None
+    serializer = handler.response_serializer if handler else None
+    if handler is not None and handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=deserializer, response_serializer=serializer
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        unary, request_deserializer=deserializer, response_serializer=serializer
+    )
+
+
+def _server_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # The gateway multiplexes many users over one connection; the default
+        # of 100 concurrent streams per connection would queue them in HTTP/2.
+        ("grpc.max_concurrent_streams", 1000),
+        # Detect a vanished gateway connection (and so cancel its streams)
+        # within about a minute even when no data flows.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def _watch_parent(parent: int, interval: float, stop: asyncio.Event) -> None:
+    """Stop when we are re-parented: the gateway that started us has died."""
+    while not stop.is_set():
+        await asyncio.sleep(interval)
+        if os.getppid() != parent:
+            log.warning("parent process %d is gone: shutting down", parent)
+            stop.set()
+
+
+async def serve(config: ServerConfig) -> None:
+    interceptors = [AuthInterceptor(config.auth_token)] if config.auth_token else []
+    server = grpc.aio.server(interceptors=interceptors, options=_server_options(config))
+    servicer = BackendServicer(config)
+    backend_pb2_grpc.add_BackendServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(config.addr)
+    if not bound:
+        raise SystemExit(f"cannot listen on {config.addr}")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    if config.exit_on_engine_death:
+
+        def die() -> None:
+            log.error("engine died and exit_on_engine_death is set: exiting")
+            stop.set()
+
+        servicer.on_engine_death = die  # type: ignore[method-assign]
+
+    await server.start()
+    log.info(
+        "listening on %s (auth %s, max concurrent requests %s)",
+        config.addr,
+        "on" if config.auth_token else "off",
+        config.max_concurrent_requests or "unlimited",
+    )
+    watcher = None
+    if config.parent_watch:
+        watcher = asyncio.create_task(
+            _watch_parent(os.getppid(), config.parent_watch_interval, stop)
+        )
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down (grace %.1fs)", config.grace_seconds)
+        if watcher is not None:
+            watcher.cancel()
+        # Refuse new RPCs, let in-flight ones finish within the grace period,
+        # then cancel the rest (their engine requests are aborted), then stop
+        # the engine so no engine process outlives us.
+        await server.stop(config.grace_seconds)
+        await servicer.close()
+        log.info("stopped")

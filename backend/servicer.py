@@ -1,0 +1,259 @@
+"""BackendServicer: one short method per RPC — convert, call the engine, convert back.
+
+Errors are raised, never turned into status codes here: `_unary` / `_streaming`
+hand every exception to `errors.to_status` and abort the RPC with it.
+Cancellation (client gone, deadline) arrives as `asyncio.CancelledError` in
+the handler task; it is never caught, so it reaches vLLM's `generate`, which
+aborts the engine request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from backend import status as status_mod
+from backend.config import ServerConfig
+from backend.errors import FailedPrecondition, NotLoaded, Overloaded, Unavailable, to_status
+from backend.gen import backend_pb2 as pb
+from backend.gen import backend_pb2_grpc
+from backend.model import LoadedModel, Prepared
+from backend.replies import ChatPiece, Usage, reply
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _unary(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(method)
+    async def wrapper(self: BackendServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await method(self, request, context)
+        except Exception as exc:  # every failure becomes a status, in one place
+            await self._abort(context, exc, method.__name__)
+            raise  # unreachable: context.abort raises
+
+    return wrapper
+
+
+def _streaming(
+    method: Callable[..., AsyncIterator[T]],
+) -> Callable[..., AsyncIterator[T]]:
+    @functools.wraps(method)
+    async def wrapper(
+        self: BackendServicer, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[T]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except Exception as exc:
+            await self._abort(context, exc, method.__name__)
+
+    return wrapper
+
+
+class BackendServicer(backend_pb2_grpc.BackendServicer):
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.model: LoadedModel | None = None
+        self.load_error: str | None = None
+        self._load_lock = asyncio.Lock()
+        self._loading = False
+        self._active = 0
+        self._ids = itertools.count(1)
+
+    # ---- plumbing -----------------------------------------------------------
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, rpc: str) -> None:
+        code, message = to_status(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("%s failed", rpc)
+        else:
+            log.info("%s: %s: %s", rpc, code.name, message)
+        if code == grpc.StatusCode.UNAVAILABLE and self.model is not None and self.model.engine.errored:
+            self.on_engine_death()
+        await context.abort(code, message)
+
+    def on_engine_death(self) -> None:
+        """Hook set by the server: exit the process if configured to."""
+
+    def _require_model(self, identity: str = "") -> LoadedModel:
+        model = self.model
+        if model is None:
+            if self._loading:
+                raise Unavailable("the model is still loading: retry when LoadModel returns")
+            raise NotLoaded()
+        if model.engine.errored:
+            raise Unavailable("the vLLM engine died: call LoadModel to restart it")
+        if identity and identity != model.identity:
+            raise FailedPrecondition(
+                f"this worker serves model {model.identity!r}, the request names {identity!r}"
+            )
+        return model
+
+    def _admit(self) -> None:
+        cap = self.config.max_concurrent_requests
+        if cap and self._active >= cap:
+            raise Overloaded(
+                f"{self._active} requests already running (max_concurrent_requests={cap}): retry later"
+            )
+
+    def _request_id(self, request: Any) -> str:
+        return f"{request.CorrelationId or 'req'}-{next(self._ids)}"
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    async def Health(self, request: pb.HealthMessage, context: grpc.aio.ServicerContext) -> pb.Reply:
+        model = self.model
+        if model is not None and model.engine.errored:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the vLLM engine died")
+        return pb.Reply(message=b"OK")
+
+    async def LoadModel(self, request: pb.ModelOptions, context: grpc.aio.ServicerContext) -> pb.Result:
+        async with self._load_lock:
+            self._loading = True
+            try:
+                await self._release()
+                self.model = await LoadedModel.load(request, self.config)
+                self.load_error = None
+                return pb.Result(success=True, message=self.model.summary())
+            except Exception as exc:  # LoadModel reports failure, it never raises
+                code, message = to_status(exc)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("LoadModel failed")
+                self.load_error = message
+                log.error("LoadModel failed: %s", message)
+                return pb.Result(success=False, message=f"failed to load model: {message}")
+            finally:
+                self._loading = False
+
+    async def Free(self, request: pb.HealthMessage, context: grpc.aio.ServicerContext) -> pb.Result:
+        async with self._load_lock:
+            freed = self.model is not None
+            await self._release()
+            return pb.Result(success=True, message="model freed" if freed else "no model was loaded")
+
+    async def close(self) -> None:
+        """Server shutdown: stop the engine so no engine process outlives us."""
+        async with self._load_lock:
+            await self._release()
+
+    async def _release(self) -> None:
+        model, self.model = self.model, None
+        if model is not None:
+            await model.close()
+
+    async def Status(self, request: pb.HealthMessage, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        model = self.model
+        if model is not None and model.engine.errored:
+            state = pb.StatusResponse.ERROR
+        elif model is None:
+            state = pb.StatusResponse.ERROR if self.load_error else pb.StatusResponse.UNINITIALIZED
+        elif self._active or model.engine.num_unfinished:
+            state = pb.StatusResponse.BUSY
+        else:
+            state = pb.StatusResponse.READY
+        total, breakdown = status_mod.memory_usage()
+        return pb.StatusResponse(state=state, memory=pb.MemoryUsageData(total=total, breakdown=breakdown))
+
+    # ---- generation ---------------------------------------------------------
+
+    @_unary
+    async def Predict(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext) -> pb.Reply:
+        model = self._require_model(request.ModelIdentity)
+        self._admit()
+        self._active += 1
+        try:
+            prep = await model.prepare(request, stream=False)
+            started = time.monotonic()
+            final = None
+            async for out in model.engine.generate(
+                prep.engine_input, prep.params, self._request_id(request), **prep.generate_kwargs
+            ):
+                final = out
+            if final is None:
+                raise Unavailable("the engine returned no output")
+            return model.unary_reply(prep, final, started)
+        finally:
+            self._active -= 1
+
+    @_streaming
+    async def PredictStream(
+        self, request: pb.PredictOptions, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Reply]:
+        model = self._require_model(request.ModelIdentity)
+        self._admit()
+        self._active += 1
+        try:
+            prep = await model.prepare(request, stream=True)
+            async for message in self._stream(model, prep, request):
+                yield message
+        finally:
+            self._active -= 1
+
+    async def _stream(self, model: LoadedModel, prep: Prepared, request: pb.PredictOptions) -> AsyncIterator[pb.Reply]:
+        state = prep.state
+        started = time.monotonic()
+        first_at = 0.0
+        completion_tokens = 0
+        prompt_tokens = 0
+        chat = prep.chat
+        tail = ChatPiece()
+        async for out in model.engine.generate(
+            prep.engine_input, prep.params, self._request_id(request), **prep.generate_kwargs
+        ):
+            if not first_at:
+                first_at = time.monotonic()
+                prompt_tokens = len(out.prompt_token_ids or ())
+            completion = out.outputs[0]
+            ids = completion.token_ids
+            completion_tokens += len(ids)
+            piece = state.feed(completion.text, ids, completion.logprobs, finished=out.finished)
+            if out.finished:
+                # The last delta (with what the parser flushed) rides on the
+                # final Reply together with usage.
+                tail = piece
+            elif piece:
+                yield reply(piece, chat=chat, logprobs=state.chunk_logprobs())
+        done = time.monotonic()
+        usage = Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            prompt_ms=((first_at or done) - started) * 1000.0,
+            generation_ms=(done - (first_at or done)) * 1000.0,
+        )
+        yield reply(tail, chat=chat, usage=usage, logprobs=state.all_logprobs())
+
+    # ---- tokenizer ----------------------------------------------------------
+
+    @_unary
+    async def TokenizeString(
+        self, request: pb.PredictOptions, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizationResponse:
+        model = self._require_model(request.ModelIdentity)
+        ids = model.engine.tokenize(request.Prompt)
+        return pb.TokenizationResponse(length=len(ids), tokens=ids)
+
+    @_unary
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetokenizeResponse:
+        model = self._require_model()
+        return pb.DetokenizeResponse(content=model.engine.detokenize(list(request.tokens)))
+
+    # ---- not served by this model type ---------------------------------------
+
+    @_unary
+    async def Embedding(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext) -> pb.EmbeddingResult:
+        self._require_model(request.ModelIdentity)
+        raise FailedPrecondition(
+            "this model was loaded for generation; embeddings need LoadModel with Embeddings=true"
+        )

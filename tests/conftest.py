@@ -1,0 +1,99 @@
+"""Shared fixtures: the tiny local model, and a real worker process over gRPC."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from tools.tiny_model import build_tiny_model, default_model_dir
+
+    return build_tiny_model(default_model_dir())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Worker:
+    """`python -m backend` in its own process, driven over a real gRPC channel."""
+
+    def __init__(self, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+        import grpc
+
+        from backend.gen import backend_pb2_grpc
+
+        self.addr = f"127.0.0.1:{free_port()}"
+        self.log_path = Path(os.environ.get("PYTEST_WORKER_LOG_DIR", "/tmp")) / f"worker-{self.addr.replace(':', '_')}.log"
+        self._log = open(self.log_path, "wb")
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "backend", "--addr", self.addr, *(args or [])],
+            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.channel = grpc.insecure_channel(self.addr)
+        self.stub = backend_pb2_grpc.BackendStub(self.channel)
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        import grpc
+
+        from backend.gen import backend_pb2 as pb
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if self.stub.Health(pb.HealthMessage(), timeout=2).message == b"OK":
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+        raise TimeoutError(f"worker not healthy in {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 60) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(10)
+        self._log.close()
+
+
+def tiny_load_options(model_dir: Path, *options: str, **fields):
+    """ModelOptions for the tiny model on this CPU machine (float32: bf16 dies
+    with SIGILL here; a small RAM share for the KV cache)."""
+    from backend.gen import backend_pb2 as pb
+
+    base = dict(Model=str(model_dir), DType="float32", MaxModelLen=2048, GPUMemoryUtilization=0.12,
+                EnforceEager=True, Options=list(options))
+    base.update(fields)
+    return pb.ModelOptions(**base)
+
+
+@pytest.fixture(scope="session")
+def worker() -> Iterator[Worker]:
+    w = Worker()
+    yield w
+    w.stop()

@@ -1,0 +1,103 @@
+"""Load / Free / reload and the before-load contract, on a worker of its own."""
+
+from __future__ import annotations
+
+import grpc
+import psutil
+import pytest
+
+from backend.gen import backend_pb2 as pb
+from tests.conftest import Worker, tiny_load_options
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    w = Worker()
+    yield w
+    w.stop()
+
+
+def _engine_children(worker: Worker) -> list[psutil.Process]:
+    return psutil.Process(worker.proc.pid).children(recursive=True)
+
+
+def test_before_load_rpcs_fail_with_failed_precondition(fresh):
+    assert fresh.stub.Status(pb.HealthMessage()).state == pb.StatusResponse.UNINITIALIZED
+    for call, request in (
+        (fresh.stub.Predict, pb.PredictOptions(Prompt="hi")),
+        (fresh.stub.TokenizeString, pb.PredictOptions(Prompt="hi")),
+        (fresh.stub.Detokenize, pb.DetokenizeRequest(tokens=[1])),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "LoadModel" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        list(fresh.stub.PredictStream(pb.PredictOptions(Prompt="hi"), timeout=10))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize(
+    ("options", "fields", "fragment"),
+    [
+        (["--max-num-seqz:8"], {}, "did you mean 'max_num_seqs'"),
+        (["tool_parser:nonesuch"], {}, "valid names"),
+        (["tool_parser"], {}, "has no value"),
+        ([], {"EngineArgs": '{"max_modl_len": 1}'}, "did you mean 'max_model_len'"),
+        ([], {"EngineArgs": "{"}, "EngineArgs is not valid JSON"),
+        ([], {"Model": "/nonexistent/model/dir"}, ""),
+    ],
+)
+def test_bad_load_reports_failure_and_the_worker_stays_usable(fresh, tiny_model_dir, options, fields, fragment):
+    result = fresh.stub.LoadModel(tiny_load_options(tiny_model_dir, *options, **fields), timeout=300)
+    assert not result.success
+    assert result.message.startswith("failed to load model")
+    assert fragment in result.message
+    assert fresh.stub.Health(pb.HealthMessage(), timeout=5).message == b"OK"
+
+
+def test_engine_start_failure_is_reported_not_raised(fresh, tiny_model_dir):
+    # Far more KV cache than the machine has: the engine itself fails to start.
+    result = fresh.stub.LoadModel(
+        tiny_load_options(tiny_model_dir, GPUMemoryUtilization=1.0, MaxModelLen=4096), timeout=300
+    )
+    assert not result.success, result.message
+    assert not _engine_children(fresh), "a failed start must not leave engine processes"
+
+
+def test_load_free_reload_releases_the_engine(fresh, tiny_model_dir):
+    result = fresh.stub.LoadModel(tiny_load_options(tiny_model_dir), timeout=300)
+    assert result.success, f"{result.message}\n{fresh.log_tail()}"
+    assert fresh.stub.Status(pb.HealthMessage()).state == pb.StatusResponse.READY
+    children = _engine_children(fresh)
+    assert children, "vLLM runs its engine core in a child process"
+    loaded_rss = fresh.stub.Status(pb.HealthMessage()).memory.total
+    assert fresh.stub.Predict(pb.PredictOptions(Prompt="hi", Tokens=3, IgnoreEOS=True), timeout=60).tokens == 3
+
+    freed = fresh.stub.Free(pb.HealthMessage(), timeout=120)
+    assert freed.success
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"engine processes still alive after Free: {alive}"
+    assert fresh.stub.Status(pb.HealthMessage()).memory.total < loaded_rss
+    with pytest.raises(grpc.RpcError) as err:
+        fresh.stub.Predict(pb.PredictOptions(Prompt="hi"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    again = fresh.stub.LoadModel(tiny_load_options(tiny_model_dir), timeout=300)
+    assert again.success, again.message
+    assert fresh.stub.Predict(pb.PredictOptions(Prompt="hi", Tokens=3, IgnoreEOS=True), timeout=60).tokens == 3
+
+
+def test_load_on_a_loaded_worker_replaces_the_model(fresh, tiny_model_dir):
+    first = fresh.stub.LoadModel(tiny_load_options(tiny_model_dir), timeout=300)
+    assert first.success
+    old = _engine_children(fresh)
+    second = fresh.stub.LoadModel(tiny_load_options(tiny_model_dir, MaxModelLen=1024), timeout=300)
+    assert second.success, second.message
+    assert "max_model_len 1024" in second.message
+    _, alive = psutil.wait_procs(old, timeout=30)
+    assert old and not alive, "the old engine is shut down before the new one serves"
+    assert _engine_children(fresh)
+    assert fresh.stub.Predict(pb.PredictOptions(Prompt="hi", Tokens=2, IgnoreEOS=True), timeout=60).tokens == 2
