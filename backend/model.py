@@ -58,6 +58,8 @@ class LoadedModel:
         self.online = online
         self.parser_cls = parser_cls
         self.tool_parser, self.reasoning_parser = parsers
+        # Added tokens (<think>, <tool_call>, ...): OutputState gives each its own delta.
+        self.markers = {i: t for t, i in engine.tokenizer.get_added_vocab().items()}
         self.defaults = {
             k: v
             for k, v in engine.model_config.get_diff_sampling_param().items()
@@ -170,7 +172,7 @@ class LoadedModel:
                 self.engine.tokenizer, req.tools,
                 chat_template_kwargs=template_kwargs, model_config=self.engine.model_config,
             )
-        state = OutputState(parser, req, self._logprobs(kw, request))
+        state = OutputState(parser, req, self._logprobs(kw, request), markers=self.markers)
         prompt_ids = engine_input.get("prompt_token_ids")
         state.prompt_token_ids = prompt_ids
         gen_kwargs: dict[str, Any] = {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,11 +180,43 @@ class OutputState:
         parser: Any | None,
         request: Any | None,
         logprobs: LogprobsSink | None = None,
+        markers: Mapping[int, str] | None = None,
     ) -> None:
         self.parser = parser
+        # Added-token id → text: the format markers (<think>, <tool_call>, ...).
+        self.markers = markers or {}
         self.request = request
         self.logprobs = logprobs
         self.prompt_token_ids: list[int] | None = None
+        self._held_space = ""  # whitespace-only content not sent yet
+        self._tool_called = False
+        self._content_started = False
+
+    def _hold_whitespace(self, piece: ChatPiece, finished: bool) -> ChatPiece:
+        """Whitespace-only content is held until real text follows.
+
+        vLLM's parsers stream the blank lines around a tool call (between
+        `</think>` and `<tool_call>`, after `</tool_call>`) as content, while
+        their whole-text path drops them. Holding them back makes the streamed
+        content equal the non-streamed content; if the answer ends with no
+        tool call, what was held is sent with the final Reply.
+        """
+        text = self._held_space + piece.content
+        self._held_space = ""
+        if piece.tool_calls:
+            # The whole-text path keeps text before the first call only when
+            # there is real text in it.
+            if not (self._content_started or text.strip()):
+                text = ""
+            self._tool_called = True
+        elif text and not text.strip() and not (finished and not self._tool_called):
+            self._held_space, text = text, ""
+        if finished and self._tool_called and not text.strip():
+            text = ""
+        if text.strip():
+            self._content_started = True
+        piece.content = text
+        return piece
 
     def feed(
         self,
@@ -198,14 +230,49 @@ class OutputState:
             self.logprobs.add(token_ids, positions)
         if self.parser is None:
             return ChatPiece(content=text)
-        delta = self.parser.parse_delta(
-            delta_text=text,
-            delta_token_ids=list(token_ids),
-            request=self.request,
-            prompt_token_ids=self.prompt_token_ids,
-            finished=finished,
-        )
-        return piece_from_delta(delta) if delta is not None else ChatPiece()
+        piece = ChatPiece()
+        parts = self._split_markers(text, token_ids)
+        for i, (part_text, part_ids) in enumerate(parts):
+            delta = self.parser.parse_delta(
+                delta_text=part_text,
+                delta_token_ids=part_ids,
+                request=self.request,
+                prompt_token_ids=self.prompt_token_ids,
+                finished=finished and i == len(parts) - 1,
+            )
+            if delta is not None:
+                merge(piece, piece_from_delta(delta))
+        return self._hold_whitespace(piece, finished)
+
+    def _split_markers(self, text: str, ids: Sequence[int]) -> list[tuple[str, list[int]]]:
+        """Give each marker token a delta of its own.
+
+        vLLM merges deltas when we read slower than it generates, so one delta
+        can hold `<think>` and the text after it; some of vLLM's parsers
+        (e.g. deepseek_r1's streaming path) then leak the marker into the
+        reasoning. Splitting at added tokens makes parsing independent of how
+        the engine happened to chunk the output. Cheap when no marker is in
+        the delta, which is nearly always.
+        """
+        ids = list(ids)
+        if len(ids) < 2 or not any(t in self.markers for t in ids):
+            return [(text, ids)]
+        parts: list[tuple[str, list[int]]] = []
+        pos = start = 0
+        for i, token in enumerate(ids):
+            marker = self.markers.get(token)
+            if marker is None:
+                continue
+            at = text.find(marker, pos)
+            if at < 0:  # marker not in the text (skipped special token): no split
+                return [(text, ids)] if not parts else [*parts, (text[pos:], ids[start:])]
+            if i > start:
+                parts.append((text[pos:at], ids[start:i]))
+            parts.append((marker, [token]))
+            pos, start = at + len(marker), i + 1
+        if start < len(ids) or pos < len(text):
+            parts.append((text[pos:], ids[start:]))
+        return parts
 
     def parse_whole(self, text: str, token_ids: Sequence[int], positions: Any = None) -> ChatPiece:
         """Non-streaming: the parser's whole-text path, as vLLM's server uses it."""

@@ -81,13 +81,22 @@ class Worker:
         self._log.close()
 
 
-def tiny_load_options(model_dir: Path, *options: str, **fields):
-    """ModelOptions for the tiny model on this CPU machine (float32: bf16 dies
-    with SIGILL here; a small RAM share for the KV cache)."""
+KV_CACHE_OPTION = f"--kv-cache-memory-bytes:{256 * 2**20}"
+
+
+def tiny_load_options(model_dir: Path, *options: str, kv_cache: bool = True, **fields):
+    """ModelOptions for the tiny model on this CPU machine.
+
+    float32: bfloat16 dies with SIGILL here. An explicit KV-cache size rather
+    than GPUMemoryUtilization: on CPU that fraction applies to NUMA node 0's
+    memory (which varies) minus what the worker already uses, so small values
+    fail; 256 MiB holds 256k tokens of this model. Eager mode: torch.compile
+    would add ~20 s per start.
+    """
     from backend.gen import backend_pb2 as pb
 
-    base = dict(Model=str(model_dir), DType="float32", MaxModelLen=2048, GPUMemoryUtilization=0.12,
-                EnforceEager=True, Options=list(options))
+    opts = [KV_CACHE_OPTION, *options] if kv_cache else list(options)
+    base = dict(Model=str(model_dir), DType="float32", MaxModelLen=2048, EnforceEager=True, Options=opts)
     base.update(fields)
     return pb.ModelOptions(**base)
 

@@ -20,7 +20,13 @@ def fresh():
 
 
 def _engine_children(worker: Worker) -> list[psutil.Process]:
-    return psutil.Process(worker.proc.pid).children(recursive=True)
+    """vLLM's engine processes under the worker. Python's multiprocessing
+    resource tracker (one per process that ever spawned, lives as long as the
+    worker and holds no model memory) is not one of them."""
+    return [
+        p for p in psutil.Process(worker.proc.pid).children(recursive=True)
+        if "resource_tracker" not in " ".join(p.cmdline())
+    ]
 
 
 def test_before_load_rpcs_fail_with_failed_precondition(fresh):
@@ -61,7 +67,8 @@ def test_bad_load_reports_failure_and_the_worker_stays_usable(fresh, tiny_model_
 def test_engine_start_failure_is_reported_not_raised(fresh, tiny_model_dir):
     # Far more KV cache than the machine has: the engine itself fails to start.
     result = fresh.stub.LoadModel(
-        tiny_load_options(tiny_model_dir, GPUMemoryUtilization=1.0, MaxModelLen=4096), timeout=300
+        tiny_load_options(tiny_model_dir, kv_cache=False, GPUMemoryUtilization=1.0, MaxModelLen=4096),
+        timeout=300,
     )
     assert not result.success, result.message
     assert not _engine_children(fresh), "a failed start must not leave engine processes"

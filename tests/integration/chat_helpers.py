@@ -1,0 +1,112 @@
+"""Building forced-output chat requests and reading structured replies back."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from backend.gen import backend_pb2 as pb
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {"name": "get_time", "description": "Current time", "parameters": {"type": "object", "properties": {}}},
+}
+TAGS = ("<tool_call>", "</tool_call>", "<think>", "</think>")
+
+
+def gbnf_literal(text: str) -> str:
+    """A GBNF grammar that admits exactly `text`."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'root ::= "{escaped}"'
+
+
+def tag_bias(stub) -> str:
+    """LogitBias making grammar-forced tags come out as their single added-token
+    ids (grammar forcing alone may spell `<think>` byte by byte, and reasoning
+    parsers look for the `</think>` id)."""
+    ids = {}
+    for tag in TAGS:
+        tokens = stub.TokenizeString(pb.PredictOptions(Prompt=tag)).tokens
+        assert len(tokens) == 1, f"{tag} must be one token in the tiny tokenizer"
+        ids[str(tokens[0])] = 100
+    return json.dumps(ids)
+
+
+def chat_request(stub, messages, *, forced: str | None = None, tools=None, tool_choice=None,
+                 metadata=None, tokens: int = 200, **kw) -> pb.PredictOptions:
+    req = pb.PredictOptions(
+        UseTokenizerTemplate=True,
+        Messages=[pb.Message(**m) for m in messages],
+        Tokens=tokens,
+        Temperature=0.0,
+        Metadata=metadata or {},
+        **kw,
+    )
+    if forced is not None:
+        req.Grammar = gbnf_literal(forced)
+        req.LogitBias = tag_bias(stub)
+    if tools is not None:
+        req.Tools = json.dumps(tools)
+    if tool_choice is not None:
+        req.ToolChoice = json.dumps(tool_choice)
+    return req
+
+
+@dataclass
+class Call:
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+    name_deltas: int = 0
+
+
+@dataclass
+class ChatResult:
+    content: str = ""
+    reasoning: str = ""
+    message: str = ""
+    calls: dict[int, Call] = field(default_factory=dict)
+    replies: int = 0
+    tokens: int = 0
+
+    def structured(self) -> dict:
+        """What a user compares: the text parts and each call's decoded arguments."""
+        return {
+            "content": self.content,
+            "reasoning": self.reasoning,
+            "calls": [(c.name, json.loads(c.arguments) if c.arguments else None) for _, c in sorted(self.calls.items())],
+        }
+
+
+def collect(replies) -> ChatResult:
+    """Accumulate replies exactly as the gateway does (concatenate per field / call index)."""
+    out = ChatResult()
+    for r in replies:
+        out.replies += 1
+        out.message += r.message.decode()
+        if r.tokens:
+            out.tokens = r.tokens
+        for d in r.chat_deltas:
+            out.content += d.content
+            out.reasoning += d.reasoning_content
+            for t in d.tool_calls:
+                call = out.calls.setdefault(t.index, Call())
+                if t.name:
+                    call.name_deltas += 1
+                    call.name = t.name
+                if t.id:
+                    call.id = t.id
+                call.arguments += t.arguments
+    return out

@@ -1,0 +1,124 @@
+"""OutputState over vLLM's real parsers (no engine): streamed == non-streamed.
+
+Engine deltas are simulated by cutting the token ids into chunks of 1, 2, 3, 5
+and 8 tokens and decoding the text each chunk adds, as vLLM's detokenizer does.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from backend.parsing import OutputState
+
+pytest.importorskip("vllm")
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+PING = {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}}
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+TEXTS = {
+    "reasoning then call": "<think>\nI should call the tool.\n</think>\n\n" + CALL,
+    "reasoning, text, call": "<think>\nhm\n</think>\n\nLet me check.\n\n" + CALL,
+    "two parallel calls": "<think>\nboth\n</think>\n\n" + CALL + "\n" + CALL.replace("Paris", "Rome"),
+    "parameterless call": '<think>\nx\n</think>\n\n<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>',
+    "plain text": "<think>\nno tools needed\n</think>\n\nJust text, with {braces} and ünïcode.",
+    "cut in reasoning": "<think>\nthe reasoning is cut here",
+    "call without reasoning": "</think>\n\n" + CALL,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from vllm.tokenizers import get_tokenizer
+
+    return get_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def request_():
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    return ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER, PING], "stream": True}
+    )
+
+
+def _parser_cls(tokenizer, tool, reasoning):
+    from vllm.parser import ParserManager
+
+    return ParserManager.get_parser(
+        tool_parser_name=tool, reasoning_parser_name=reasoning, enable_auto_tools=True, tokenizer=tokenizer
+    )
+
+
+def _stream(cls, tokenizer, req, text, size):
+    markers = {i: t for t, i in tokenizer.get_added_vocab().items()}
+    state = OutputState(cls(tokenizer, req.tools, chat_template_kwargs={}, model_config=None), req, markers=markers)
+    state.prompt_token_ids = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    reasoning = content = ""
+    calls: dict[int, dict] = {}
+    sent = ""
+    for start in range(0, len(ids), size):
+        end = start + size
+        finished = end >= len(ids)
+        decoded = tokenizer.decode(ids[:end])
+        # Like vLLM's incremental detokenizer: a character split across
+        # tokens is held back until it is complete.
+        if decoded.endswith("\ufffd") and not finished:
+            delta_text = ""
+        else:
+            delta_text, sent = decoded[len(sent):], decoded
+        piece = state.feed(delta_text, ids[start:end], finished=finished)
+        reasoning += piece.reasoning
+        content += piece.content
+        for call in piece.tool_calls:
+            entry = calls.setdefault(call.index, {"name": "", "names_sent": 0, "arguments": ""})
+            if call.name:
+                entry["name"] = call.name
+                entry["names_sent"] += 1
+            entry["arguments"] += call.arguments
+    return reasoning, content, calls
+
+
+def _whole(cls, tokenizer, req, text):
+    state = OutputState(cls(tokenizer, req.tools, chat_template_kwargs={}, model_config=None), req)
+    piece = state.parse_whole(text, tokenizer.encode(text, add_special_tokens=False))
+    return piece
+
+
+@pytest.mark.parametrize("parsers", [("hermes", "qwen3"), ("hermes", "deepseek_r1")])
+@pytest.mark.parametrize("name", list(TEXTS))
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8])
+def test_streamed_pieces_concatenate_to_the_whole_text_result(tokenizer, request_, parsers, name, size):
+    cls = _parser_cls(tokenizer, *parsers)
+    text = TEXTS[name]
+    whole = _whole(cls, tokenizer, request_, text)
+    reasoning, content, calls = _stream(cls, tokenizer, request_, text, size)
+    assert reasoning == whole.reasoning
+    assert content == whole.content
+    assert [c["name"] for _, c in sorted(calls.items())] == [c.name for c in whole.tool_calls]
+    assert all(c["names_sent"] == 1 for c in calls.values()), "a call's name is sent once"
+    assert [json.loads(c["arguments"]) for _, c in sorted(calls.items())] == [
+        json.loads(c.arguments) for c in whole.tool_calls
+    ]
+
+
+def test_known_results_of_the_forced_texts(tokenizer, request_):
+    cls = _parser_cls(tokenizer, "hermes", "qwen3")
+    piece = _whole(cls, tokenizer, request_, TEXTS["two parallel calls"])
+    assert piece.reasoning == "\nboth\n" and piece.content == ""
+    assert [(c.index, c.name, json.loads(c.arguments)) for c in piece.tool_calls] == [
+        (0, "get_weather", {"city": "Paris"}), (1, "get_weather", {"city": "Rome"})]
+    assert all(c.id.startswith("chatcmpl-tool-") for c in piece.tool_calls)
+    plain = _whole(cls, tokenizer, request_, TEXTS["plain text"])
+    assert plain.content.strip() == "Just text, with {braces} and ünïcode." and not plain.tool_calls
+
+
+def test_without_a_parser_everything_is_content(tokenizer):
+    state = OutputState(None, None)
+    assert state.feed("<think>a</think>", [1]).content == "<think>a</think>"
+    assert state.parse_whole("x<tool_call>", [1]).content == "x<tool_call>"
