@@ -66,12 +66,13 @@ def _json(text: str, what: str) -> Any:
 
 
 def parse_tool_calls(raw: str, where: str) -> list[dict[str, Any]]:
-    """A message's `tool_calls` JSON (OpenAI format) → template-ready dicts.
+    """A message's `tool_calls` JSON (OpenAI format), validated.
 
-    `function.arguments` arrives as a JSON-encoded string (OpenAI's format);
-    templates iterate it as a mapping (`arguments | items`), so it is decoded
-    here, as vLLM's server does. Arguments that are not a JSON object are
-    kept as the string they are.
+    `function.arguments` is a JSON-encoded string (OpenAI's format) and stays
+    one: vLLM's renderer decodes it into a mapping before templating (templates
+    iterate it), but silently replaces invalid JSON with `{}` — so it is
+    checked here and bad JSON is an error instead. An object given where the
+    string belongs is encoded.
     """
     calls = _json(raw, f"{where}.tool_calls")
     if not isinstance(calls, list):
@@ -83,18 +84,19 @@ def parse_tool_calls(raw: str, where: str) -> list[dict[str, Any]]:
         fn = call.get("function")
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise InvalidArgument(f"{where}.tool_calls[{i}].function.name is missing")
-        args = fn.get("arguments", {})
+        args = fn.get("arguments", "")
         if isinstance(args, str):
-            text = args.strip()
-            if text:
+            if not args.strip():
+                args = "{}"
+            else:
                 try:
-                    args = json.loads(text)
+                    json.loads(args)
                 except json.JSONDecodeError:
                     raise InvalidArgument(
                         f"{where}.tool_calls[{i}].function.arguments is not valid JSON"
                     ) from None
-            else:
-                args = {}
+        else:
+            args = json.dumps(args)
         call = dict(call)
         call["function"] = {**fn, "arguments": args}
         call.setdefault("type", "function")

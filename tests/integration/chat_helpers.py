@@ -44,6 +44,17 @@ def tag_bias(stub) -> str:
     return json.dumps(ids)
 
 
+def whitespace_bias(model_dir) -> dict[str, int]:
+    """-100 for every whitespace-only token. A random-weight model under a JSON
+    grammar tends to fill the allowed inter-token whitespace forever; this
+    makes it write compact JSON instead (literal text the grammar forces is
+    still produced: masked-out alternatives are -inf)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    return {str(i): -100 for i in range(len(tok)) if tok.decode([i]).isspace()}
+
+
 def chat_request(stub, messages, *, forced: str | None = None, tools=None, tool_choice=None,
                  metadata=None, tokens: int = 200, **kw) -> pb.PredictOptions:
     req = pb.PredictOptions(

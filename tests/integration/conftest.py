@@ -5,7 +5,13 @@ import pytest
 from tests.conftest import Worker, tiny_load_options
 
 # Parsers the chat tests rely on; the tiny model's tokenizer has their markers.
-CHAT_OPTIONS = ("tool_parser:hermes", "reasoning_parser:qwen3")
+# Grammars must also hold inside the reasoning, since the tests force whole
+# answers (`<think>…</think><tool_call>…`) on a model with random weights.
+CHAT_OPTIONS = (
+    "tool_parser:hermes",
+    "reasoning_parser:qwen3",
+    '--structured-outputs-config:{"enable_in_reasoning": true}',
+)
 
 
 @pytest.fixture(scope="session")
