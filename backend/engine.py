@@ -19,12 +19,12 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-from vllm.reasoning import ReasoningParserManager
-from vllm.renderers.online_renderer import OnlineRenderer
-from vllm.tool_parsers import ToolParserManager
 from vllm.outputs import RequestOutput
+from vllm.reasoning import ReasoningParserManager
 from vllm.renderers.inputs.preprocess import parse_model_prompt
+from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.tool_parsers import ToolParserManager
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -31,8 +31,15 @@ log = logging.getLogger(__name__)
 # Sampling fields whose unset value falls back to the model's
 # generation_config.json, as `vllm serve` does. Temperature is not among
 # them: a 0 that reaches us was asked for (see sampling.py).
-_GENERATION_DEFAULTS = ("top_p", "top_k", "min_p", "repetition_penalty",
-                        "presence_penalty", "frequency_penalty", "max_tokens")
+_GENERATION_DEFAULTS = (
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "max_tokens",
+)
 
 
 @dataclass
@@ -49,7 +56,7 @@ class LoadedModel:
         self,
         engine: eng.Engine,
         identity: str,
-        online: Any | None,
+        online: Any,
         parser_cls: Any | None,
         parsers: tuple[str | None, str | None],
     ) -> None:
@@ -76,8 +83,13 @@ class LoadedModel:
         settings = plan.settings
         # Explicit parser names are checked before the (slow) engine start.
         choose_parsers(
-            settings.tool_parser, settings.reasoning_parser, model_type="", architectures=(),
-            name="", known_tool=known_tool, known_reasoning=known_reasoning,
+            settings.tool_parser,
+            settings.reasoning_parser,
+            model_type="",
+            architectures=(),
+            name="",
+            known_tool=known_tool,
+            known_reasoning=known_reasoning,
         )
         chat_template = _read_template(settings.chat_template)
         if plan.engine_kwargs.get("trust_remote_code"):
@@ -139,14 +151,18 @@ class LoadedModel:
         if request.UseTokenizerTemplate:
             return await self._prepare_chat(request, kw, stream)
         if not request.Prompt:
-            raise InvalidArgument("Prompt is empty (set Prompt, or UseTokenizerTemplate with Messages)")
+            raise InvalidArgument(
+                "Prompt is empty (set Prompt, or UseTokenizerTemplate with Messages)"
+            )
         engine_input = await self.engine.render_prompt(request.Prompt)
         self._clamp(kw, engine_input)
         params = eng.sampling_params(kw, stream=stream)
         state = OutputState(None, None, self._logprobs(kw, request))
         return Prepared(engine_input, params, state, chat=False, generate_kwargs={})
 
-    async def _prepare_chat(self, request: pb.PredictOptions, kw: dict[str, Any], stream: bool) -> Prepared:
+    async def _prepare_chat(
+        self, request: pb.PredictOptions, kw: dict[str, Any], stream: bool
+    ) -> Prepared:
         chat = prompts.chat_input(request)
         body: dict[str, Any] = {
             "messages": chat.messages,
@@ -162,15 +178,19 @@ class LoadedModel:
         # The parsers' request adjustments (adjust_request) live on `req`.
         kw["structured_outputs"] = req.structured_outputs
         kw["skip_special_tokens"] = (
-            chat.skip_special_tokens if chat.skip_special_tokens is not None else req.skip_special_tokens
+            chat.skip_special_tokens
+            if chat.skip_special_tokens is not None
+            else req.skip_special_tokens
         )
         self._clamp(kw, engine_input)
         params = eng.sampling_params(kw, stream=stream)
         parser = None
         if self.parser_cls is not None:
             parser = self.parser_cls(
-                self.engine.tokenizer, req.tools,
-                chat_template_kwargs=template_kwargs, model_config=self.engine.model_config,
+                self.engine.tokenizer,
+                req.tools,
+                chat_template_kwargs=template_kwargs,
+                model_config=self.engine.model_config,
             )
         state = OutputState(parser, req, self._logprobs(kw, request), markers=self.markers)
         prompt_ids = engine_input.get("prompt_token_ids")

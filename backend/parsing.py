@@ -54,7 +54,9 @@ FAMILY_PARSERS: tuple[tuple[str, str | None, str | None], ...] = (
 )
 
 
-def family_parsers(model_type: str, architectures: Sequence[str], name: str) -> tuple[str | None, str | None, str]:
+def family_parsers(
+    model_type: str, architectures: Sequence[str], name: str
+) -> tuple[str | None, str | None, str]:
     """(tool parser, reasoning parser, what matched) from the family table.
 
     The model name is searched first (it distinguishes e.g. DeepSeek-R1

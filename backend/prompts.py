@@ -139,7 +139,9 @@ def parse_tools(raw: str) -> list[dict[str, Any]] | None:
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise InvalidArgument(f"Tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
+            raise InvalidArgument(
+                f"Tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}"
+            )
         if tool.get("type", "function") != "function":
             raise InvalidArgument(f"Tools[{i}].type must be 'function'")
         params = fn.get("parameters")
@@ -154,12 +156,14 @@ def parse_tool_choice(raw: str, tools: list[dict[str, Any]] | None) -> ToolChoic
     if not text:
         return ToolChoice("auto")
     value: Any = text
-    if text[0] in "{\"":
+    if text[0] in '{"':
         value = _json(text, "ToolChoice")
     if isinstance(value, str):
         mode = value.strip().lower()
         if mode not in ("none", "auto", "required"):
-            raise InvalidArgument(f"ToolChoice {value!r} must be none, auto, required or a function")
+            raise InvalidArgument(
+                f"ToolChoice {value!r} must be none, auto, required or a function"
+            )
         if mode == "required" and not tools:
             raise InvalidArgument("ToolChoice is 'required' but no Tools were given")
         return ToolChoice(mode)
@@ -167,10 +171,14 @@ def parse_tool_choice(raw: str, tools: list[dict[str, Any]] | None) -> ToolChoic
         fn = value.get("function")
         name = fn.get("name") if isinstance(fn, dict) else None
         if not isinstance(name, str) or not name:
-            raise InvalidArgument("ToolChoice object must be {'type': 'function', 'function': {'name': ...}}")
+            raise InvalidArgument(
+                "ToolChoice object must be {'type': 'function', 'function': {'name': ...}}"
+            )
         names = [t["function"]["name"] for t in tools or ()]
         if name not in names:
-            raise InvalidArgument(f"ToolChoice names function {name!r}, which is not in Tools {names}")
+            raise InvalidArgument(
+                f"ToolChoice names function {name!r}, which is not in Tools {names}"
+            )
         return ToolChoice("function", name)
     raise InvalidArgument("ToolChoice must be a string or an object")
 

@@ -116,7 +116,7 @@ def logprob_entries(
         text = chosen.decoded_token if chosen.decoded_token is not None else decode(token_id)
         entry = _entry(text, chosen.logprob)
         tops = sorted(
-            position.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30)
+            position.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30
         )
         entry["top_logprobs"] = [
             _entry(lp.decoded_token if lp.decoded_token is not None else decode(tid), lp.logprob)

@@ -133,9 +133,7 @@ def sampling_kwargs(req: SamplingRequest) -> dict[str, Any]:
     if req.Logprobs < 0 or req.TopLogprobs < 0:
         raise InvalidArgument("Logprobs and TopLogprobs must be >= 0")
     if req.TopLogprobs > MAX_TOP_LOGPROBS:
-        raise InvalidArgument(
-            f"TopLogprobs must be <= {MAX_TOP_LOGPROBS}, got {req.TopLogprobs}"
-        )
+        raise InvalidArgument(f"TopLogprobs must be <= {MAX_TOP_LOGPROBS}, got {req.TopLogprobs}")
     if req.Logprobs > 0 or req.TopLogprobs > 0:
         kw["logprobs"] = req.TopLogprobs
 
@@ -188,7 +186,9 @@ def structured_output(grammar: str) -> dict[str, Any]:
         try:
             schema = json.loads(text)
         except json.JSONDecodeError as e:
-            raise InvalidArgument(f"Grammar looks like a JSON schema but is not valid JSON: {e}") from None
+            raise InvalidArgument(
+                f"Grammar looks like a JSON schema but is not valid JSON: {e}"
+            ) from None
         if not isinstance(schema, dict):
             raise InvalidArgument("Grammar JSON schema must be a JSON object")
         return {"json": schema}

@@ -78,7 +78,11 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             log.exception("%s failed", rpc)
         else:
             log.info("%s: %s: %s", rpc, code.name, message)
-        if code == grpc.StatusCode.UNAVAILABLE and self.model is not None and self.model.engine.errored:
+        if (
+            code == grpc.StatusCode.UNAVAILABLE
+            and self.model is not None
+            and self.model.engine.errored
+        ):
             self.on_engine_death()
         await context.abort(code, message)
 
@@ -103,7 +107,8 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         cap = self.config.max_concurrent_requests
         if cap and self._active >= cap:
             raise Overloaded(
-                f"{self._active} requests already running (max_concurrent_requests={cap}): retry later"
+                f"{self._active} requests already running "
+                f"(max_concurrent_requests={cap}): retry later"
             )
 
     def _request_id(self, request: Any) -> str:
@@ -111,13 +116,17 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
 
     # ---- lifecycle ----------------------------------------------------------
 
-    async def Health(self, request: pb.HealthMessage, context: grpc.aio.ServicerContext) -> pb.Reply:
+    async def Health(
+        self, request: pb.HealthMessage, context: grpc.aio.ServicerContext
+    ) -> pb.Reply:
         model = self.model
         if model is not None and model.engine.errored:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the vLLM engine died")
         return pb.Reply(message=b"OK")
 
-    async def LoadModel(self, request: pb.ModelOptions, context: grpc.aio.ServicerContext) -> pb.Result:
+    async def LoadModel(
+        self, request: pb.ModelOptions, context: grpc.aio.ServicerContext
+    ) -> pb.Result:
         async with self._load_lock:
             self._loading = True
             try:
@@ -139,7 +148,9 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         async with self._load_lock:
             freed = self.model is not None
             await self._release()
-            return pb.Result(success=True, message="model freed" if freed else "no model was loaded")
+            return pb.Result(
+                success=True, message="model freed" if freed else "no model was loaded"
+            )
 
     async def close(self) -> None:
         """Server shutdown: stop the engine so no engine process outlives us."""
@@ -151,7 +162,9 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         if model is not None:
             await model.close()
 
-    async def Status(self, request: pb.HealthMessage, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+    async def Status(
+        self, request: pb.HealthMessage, context: grpc.aio.ServicerContext
+    ) -> pb.StatusResponse:
         model = self.model
         if model is not None and model.engine.errored:
             state = pb.StatusResponse.ERROR
@@ -162,12 +175,16 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         else:
             state = pb.StatusResponse.READY
         total, breakdown = status_mod.memory_usage()
-        return pb.StatusResponse(state=state, memory=pb.MemoryUsageData(total=total, breakdown=breakdown))
+        return pb.StatusResponse(
+            state=state, memory=pb.MemoryUsageData(total=total, breakdown=breakdown)
+        )
 
     # ---- generation ---------------------------------------------------------
 
     @_unary
-    async def Predict(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext) -> pb.Reply:
+    async def Predict(
+        self, request: pb.PredictOptions, context: grpc.aio.ServicerContext
+    ) -> pb.Reply:
         model = self._require_model(request.ModelIdentity)
         self._admit()
         self._active += 1
@@ -199,7 +216,9 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         finally:
             self._active -= 1
 
-    async def _stream(self, model: LoadedModel, prep: Prepared, request: pb.PredictOptions) -> AsyncIterator[pb.Reply]:
+    async def _stream(
+        self, model: LoadedModel, prep: Prepared, request: pb.PredictOptions
+    ) -> AsyncIterator[pb.Reply]:
         state = prep.state
         started = time.monotonic()
         first_at = 0.0
@@ -252,7 +271,9 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     # ---- not served by this model type ---------------------------------------
 
     @_unary
-    async def Embedding(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext) -> pb.EmbeddingResult:
+    async def Embedding(
+        self, request: pb.PredictOptions, context: grpc.aio.ServicerContext
+    ) -> pb.EmbeddingResult:
         self._require_model(request.ModelIdentity)
         raise FailedPrecondition(
             "this model was loaded for generation; embeddings need LoadModel with Embeddings=true"

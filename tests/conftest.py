@@ -37,12 +37,18 @@ class Worker:
         from backend.gen import backend_pb2_grpc
 
         self.addr = f"127.0.0.1:{free_port()}"
-        self.log_path = Path(os.environ.get("PYTEST_WORKER_LOG_DIR", "/tmp")) / f"worker-{self.addr.replace(':', '_')}.log"
-        self._log = open(self.log_path, "wb")
+        self.log_path = (
+            Path(os.environ.get("PYTEST_WORKER_LOG_DIR", "/tmp"))
+            / f"worker-{self.addr.replace(':', '_')}.log"
+        )
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the worker
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "backend", "--addr", self.addr, *(args or [])],
-            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.channel = grpc.insecure_channel(self.addr)
@@ -96,7 +102,9 @@ def tiny_load_options(model_dir: Path, *options: str, kv_cache: bool = True, **f
     from backend.gen import backend_pb2 as pb
 
     opts = [KV_CACHE_OPTION, *options] if kv_cache else list(options)
-    base = dict(Model=str(model_dir), DType="float32", MaxModelLen=2048, EnforceEager=True, Options=opts)
+    base = dict(
+        Model=str(model_dir), DType="float32", MaxModelLen=2048, EnforceEager=True, Options=opts
+    )
     base.update(fields)
     return pb.ModelOptions(**base)
 

@@ -14,7 +14,13 @@ import grpc
 import pytest
 
 from backend.gen import backend_pb2 as pb
-from tests.integration.chat_helpers import TIME_TOOL, WEATHER_TOOL, chat_request, collect, whitespace_bias
+from tests.integration.chat_helpers import (
+    TIME_TOOL,
+    WEATHER_TOOL,
+    chat_request,
+    collect,
+    whitespace_bias,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -29,9 +35,14 @@ def both(stub, req):
 
 
 def test_reasoning_and_tool_call_come_out_structured_streamed_and_not(loaded):
-    unary, streamed = both(loaded.stub, chat_request(loaded.stub, USER, forced=THINK_THEN_CALL, tools=[WEATHER_TOOL]))
-    expected = {"content": "", "reasoning": "\nI should call the tool.\n",
-                "calls": [("get_weather", {"city": "Paris"})]}
+    unary, streamed = both(
+        loaded.stub, chat_request(loaded.stub, USER, forced=THINK_THEN_CALL, tools=[WEATHER_TOOL])
+    )
+    expected = {
+        "content": "",
+        "reasoning": "\nI should call the tool.\n",
+        "calls": [("get_weather", {"city": "Paris"})],
+    }
     assert unary.structured() == expected
     assert streamed.structured() == expected
     assert streamed.replies > 5, "streamed as deltas"
@@ -43,7 +54,9 @@ def test_reasoning_and_tool_call_come_out_structured_streamed_and_not(loaded):
 
 def test_two_parallel_tool_calls(loaded):
     forced = "<think>\nTwo cities.\n</think>\n\n" + CALL % "Paris" + "\n" + CALL % "Rome"
-    unary, streamed = both(loaded.stub, chat_request(loaded.stub, USER, forced=forced, tools=[WEATHER_TOOL]))
+    unary, streamed = both(
+        loaded.stub, chat_request(loaded.stub, USER, forced=forced, tools=[WEATHER_TOOL])
+    )
     expected = [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
     assert unary.structured()["calls"] == expected
     assert streamed.structured()["calls"] == expected
@@ -52,15 +65,21 @@ def test_two_parallel_tool_calls(loaded):
 
 
 def test_parameterless_tool_gets_empty_object_arguments(loaded):
-    forced = '<think>\nx\n</think>\n\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
-    unary, streamed = both(loaded.stub, chat_request(loaded.stub, USER, forced=forced, tools=[TIME_TOOL]))
+    forced = (
+        '<think>\nx\n</think>\n\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    )
+    unary, streamed = both(
+        loaded.stub, chat_request(loaded.stub, USER, forced=forced, tools=[TIME_TOOL])
+    )
     assert unary.structured()["calls"] == [("get_time", {})]
     assert streamed.structured()["calls"] == [("get_time", {})]
 
 
 def test_plain_text_with_tool_parser_active_calls_nothing(loaded):
     forced = "<think>\nNo tool needed.\n</think>\n\nIt is sunny, {probably}."
-    unary, streamed = both(loaded.stub, chat_request(loaded.stub, USER, forced=forced, tools=[WEATHER_TOOL]))
+    unary, streamed = both(
+        loaded.stub, chat_request(loaded.stub, USER, forced=forced, tools=[WEATHER_TOOL])
+    )
     assert unary.structured() == streamed.structured()
     assert unary.content.strip() == "It is sunny, {probably}."
     assert unary.reasoning == "\nNo tool needed.\n"
@@ -69,9 +88,15 @@ def test_plain_text_with_tool_parser_active_calls_nothing(loaded):
 
 
 def test_thinking_disabled_gives_content_without_reasoning(loaded):
-    req = chat_request(loaded.stub, USER, forced="Hello there.", metadata={"enable_thinking": "false"})
+    req = chat_request(
+        loaded.stub, USER, forced="Hello there.", metadata={"enable_thinking": "false"}
+    )
     unary, streamed = both(loaded.stub, req)
-    assert unary.structured() == streamed.structured() == {"content": "Hello there.", "reasoning": "", "calls": []}
+    assert (
+        unary.structured()
+        == streamed.structured()
+        == {"content": "Hello there.", "reasoning": "", "calls": []}
+    )
 
 
 def test_output_cut_by_tokens_inside_reasoning(loaded):
@@ -86,25 +111,53 @@ def test_tool_call_after_reasoning_with_prior_conversation(loaded):
     history = [
         {"role": "system", "content": "You call tools."},
         {"role": "user", "content": "Weather in Rome?"},
-        {"role": "assistant", "content": "", "reasoning_content": "Call it.",
-         "tool_calls": json.dumps([{"id": "call_1", "type": "function",
-                                    "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}}])},
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning_content": "Call it.",
+            "tool_calls": json.dumps(
+                [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+                    }
+                ]
+            ),
+        },
         {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call_1"},
         *USER,
     ]
-    unary, streamed = both(loaded.stub, chat_request(loaded.stub, history, forced=THINK_THEN_CALL, tools=[WEATHER_TOOL]))
+    unary, streamed = both(
+        loaded.stub,
+        chat_request(loaded.stub, history, forced=THINK_THEN_CALL, tools=[WEATHER_TOOL]),
+    )
     assert unary.structured() == streamed.structured()
     assert unary.structured()["calls"] == [("get_weather", {"city": "Paris"})]
 
 
 def test_named_tool_choice_constrains_the_output_to_that_call(loaded, tiny_model_dir):
-    strict_tool = {"type": "function", "function": {
-        "name": "get_weather", "strict": True,
-        "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris"]}},
-                       "required": ["city"], "additionalProperties": False}}}
-    req = chat_request(loaded.stub, USER, tools=[strict_tool, TIME_TOOL],
-                       tool_choice={"type": "function", "function": {"name": "get_weather"}}, tokens=100,
-                       LogitBias=json.dumps(whitespace_bias(tiny_model_dir)))
+    strict_tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "strict": True,
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "enum": ["Paris"]}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    req = chat_request(
+        loaded.stub,
+        USER,
+        tools=[strict_tool, TIME_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        tokens=100,
+        LogitBias=json.dumps(whitespace_bias(tiny_model_dir)),
+    )
     req.Metadata["enable_thinking"] = "false"
     unary, streamed = both(loaded.stub, req)
     assert unary.structured()["calls"] == [("get_weather", {"city": "Paris"})]
@@ -120,18 +173,33 @@ def test_tool_choice_none_parses_no_calls(loaded):
 
 
 def test_json_schema_grammar_gives_json_content(loaded, tiny_model_dir):
-    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
-              "required": ["answer"], "additionalProperties": False}
-    req = chat_request(loaded.stub, USER, metadata={"enable_thinking": "false"}, tokens=50,
-                       LogitBias=json.dumps(whitespace_bias(tiny_model_dir)))
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    req = chat_request(
+        loaded.stub,
+        USER,
+        metadata={"enable_thinking": "false"},
+        tokens=50,
+        LogitBias=json.dumps(whitespace_bias(tiny_model_dir)),
+    )
     req.Grammar = json.dumps(schema)
     reply = collect([loaded.stub.Predict(req, timeout=120)])
     assert json.loads(reply.content)["answer"] in ("yes", "no")
 
 
 def test_chat_logprobs_cover_every_token(loaded):
-    req = chat_request(loaded.stub, USER, forced="Hello there.", metadata={"enable_thinking": "false"},
-                       Logprobs=1, TopLogprobs=2)
+    req = chat_request(
+        loaded.stub,
+        USER,
+        forced="Hello there.",
+        metadata={"enable_thinking": "false"},
+        Logprobs=1,
+        TopLogprobs=2,
+    )
     chunks = list(loaded.stub.PredictStream(req, timeout=120))
     final = json.loads(chunks[-1].logprobs)
     assert len(final["content"]) == chunks[-1].tokens
@@ -153,8 +221,11 @@ def test_concurrent_chat_streams_do_not_share_parser_state(loaded):
     for t in threads:
         t.join()
     for city in cities:
-        assert results[city] == {"content": "", "reasoning": f"\nFor {city}.\n",
-                                 "calls": [("get_weather", {"city": city})]}
+        assert results[city] == {
+            "content": "",
+            "reasoning": f"\nFor {city}.\n",
+            "calls": [("get_weather", {"city": city})],
+        }
 
 
 @pytest.mark.parametrize(
@@ -162,10 +233,18 @@ def test_concurrent_chat_streams_do_not_share_parser_state(loaded):
     [
         (dict(Tools="[{"), "Tools is not valid JSON"),
         (dict(Tools='[{"type": "function"}]'), "Tools[0]"),
-        (dict(Messages=[pb.Message(role="assistant", tool_calls="{oops")]), "tool_calls is not valid JSON"),
+        (
+            dict(Messages=[pb.Message(role="assistant", tool_calls="{oops")]),
+            "tool_calls is not valid JSON",
+        ),
         (dict(Messages=[pb.Message(role="wizard", content="x")]), "role"),
         (dict(Messages=[]), "Messages is empty"),
-        (dict(Grammar="root ::= (((", ), "grammar"),
+        (
+            dict(
+                Grammar="root ::= (((",
+            ),
+            "grammar",
+        ),
         (dict(Grammar='{"type": "object"'), "JSON schema"),
         (dict(Metadata={"chat_template_kwargs": "[1]"}), "chat_template_kwargs"),
         (dict(ToolChoice='"sometimes"'), "ToolChoice"),

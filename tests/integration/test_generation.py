@@ -26,7 +26,9 @@ def test_predict_returns_text_usage_and_timings(loaded):
     reply = loaded.stub.Predict(greedy(), timeout=60)
     assert reply.message
     assert reply.tokens == 24
-    assert reply.prompt_tokens == len(loaded.stub.TokenizeString(pb.PredictOptions(Prompt=PROMPT)).tokens)
+    assert reply.prompt_tokens == len(
+        loaded.stub.TokenizeString(pb.PredictOptions(Prompt=PROMPT)).tokens
+    )
     assert reply.timing_token_generation > 0
     assert reply.timing_prompt_processing >= 0
     assert not reply.chat_deltas  # a raw prompt is not a chat
@@ -63,17 +65,25 @@ def test_stop_strings_end_generation(loaded):
 
 def test_seeded_sampling_is_reproducible(loaded):
     req = greedy(Temperature=1.0, TopK=50, TopP=0.9, Seed=1234)
-    assert loaded.stub.Predict(req, timeout=60).message == loaded.stub.Predict(req, timeout=60).message
+    assert (
+        loaded.stub.Predict(req, timeout=60).message == loaded.stub.Predict(req, timeout=60).message
+    )
 
 
 def test_logit_bias_forces_a_token(loaded):
     target = loaded.stub.TokenizeString(pb.PredictOptions(Prompt=" sunny")).tokens[0]
-    reply = loaded.stub.Predict(greedy(Tokens=3, LogitBias=json.dumps({str(target): 100})), timeout=60)
-    assert loaded.stub.TokenizeString(pb.PredictOptions(Prompt=reply.message.decode())).tokens[:1] == [target]
+    reply = loaded.stub.Predict(
+        greedy(Tokens=3, LogitBias=json.dumps({str(target): 100})), timeout=60
+    )
+    assert loaded.stub.TokenizeString(pb.PredictOptions(Prompt=reply.message.decode())).tokens[
+        :1
+    ] == [target]
 
 
 def test_logprobs_in_openai_format_streamed_and_final(loaded):
-    chunks = list(loaded.stub.PredictStream(greedy(Tokens=8, Logprobs=1, TopLogprobs=3), timeout=60))
+    chunks = list(
+        loaded.stub.PredictStream(greedy(Tokens=8, Logprobs=1, TopLogprobs=3), timeout=60)
+    )
     final = json.loads(chunks[-1].logprobs)
     assert len(final["content"]) == 8
     first = final["content"][0]
@@ -81,14 +91,16 @@ def test_logprobs_in_openai_format_streamed_and_final(loaded):
     assert len(first["top_logprobs"]) == 3
     assert first["logprob"] == pytest.approx(first["top_logprobs"][0]["logprob"])  # greedy
     per_chunk = [e for c in chunks[:-1] if c.logprobs for e in json.loads(c.logprobs)["content"]]
-    assert [e["token"] for e in per_chunk] == [e["token"] for e in final["content"]][: len(per_chunk)]
+    assert [e["token"] for e in per_chunk] == [e["token"] for e in final["content"]][
+        : len(per_chunk)
+    ]
     # Chunks before the final one carry their own tokens' logprobs; the final
     # Reply carries the whole completion's (what the gateway keeps).
     assert 1 <= len(per_chunk) < 8
 
 
 def test_tokenize_detokenize_round_trip(loaded):
-    text = "Hello, world! {\"a\": [1, 2]} ünïcödé"
+    text = 'Hello, world! {"a": [1, 2]} ünïcödé'
     ids = loaded.stub.TokenizeString(pb.PredictOptions(Prompt=text)).tokens
     assert ids and loaded.stub.TokenizeString(pb.PredictOptions(Prompt=text)).length == len(ids)
     assert loaded.stub.Detokenize(pb.DetokenizeRequest(tokens=ids)).content == text
@@ -113,7 +125,9 @@ def test_detokenize_out_of_vocabulary_is_invalid(loaded):
         (dict(Grammar="root ::= ("), ""),
     ],
 )
-def test_bad_requests_are_invalid_argument_and_the_worker_keeps_serving(loaded, request_kw, fragment):
+def test_bad_requests_are_invalid_argument_and_the_worker_keeps_serving(
+    loaded, request_kw, fragment
+):
     with pytest.raises(grpc.RpcError) as err:
         loaded.stub.Predict(greedy(**request_kw), timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
@@ -139,9 +153,7 @@ def test_cancelled_stream_aborts_its_engine_request(loaded):
     request table (what Status reads) must be empty within a second."""
     _wait_state(loaded, pb.StatusResponse.READY)
     call = loaded.stub.PredictStream(greedy(Tokens=2000), timeout=120)
-    received = 0
-    for _ in call:
-        received += 1
+    for received, _ in enumerate(call, 1):
         if received == 5:
             break
     assert _state(loaded) == pb.StatusResponse.BUSY
@@ -158,12 +170,16 @@ def test_deadline_on_unary_predict_aborts_the_request(loaded):
 
 
 def test_concurrent_streams_get_their_own_text(loaded):
-    prompts = ["The cat", "A dog ran", "In 1999 the", "JSON: {\"a\":"]
-    expected = {p: loaded.stub.Predict(greedy(Prompt=p, Tokens=30), timeout=60).message for p in prompts}
+    prompts = ["The cat", "A dog ran", "In 1999 the", 'JSON: {"a":']
+    expected = {
+        p: loaded.stub.Predict(greedy(Prompt=p, Tokens=30), timeout=60).message for p in prompts
+    }
     got: dict[str, bytes] = {}
 
     def run(p: str) -> None:
-        got[p] = b"".join(c.message for c in loaded.stub.PredictStream(greedy(Prompt=p, Tokens=30), timeout=60))
+        got[p] = b"".join(
+            c.message for c in loaded.stub.PredictStream(greedy(Prompt=p, Tokens=30), timeout=60)
+        )
 
     threads = [threading.Thread(target=run, args=(p,)) for p in prompts * 1]
     for t in threads:

@@ -24,7 +24,8 @@ def _engine_children(worker: Worker) -> list[psutil.Process]:
     resource tracker (one per process that ever spawned, lives as long as the
     worker and holds no model memory) is not one of them."""
     return [
-        p for p in psutil.Process(worker.proc.pid).children(recursive=True)
+        p
+        for p in psutil.Process(worker.proc.pid).children(recursive=True)
         if "resource_tracker" not in " ".join(p.cmdline())
     ]
 
@@ -56,8 +57,12 @@ def test_before_load_rpcs_fail_with_failed_precondition(fresh):
         ([], {"Model": "/nonexistent/model/dir"}, ""),
     ],
 )
-def test_bad_load_reports_failure_and_the_worker_stays_usable(fresh, tiny_model_dir, options, fields, fragment):
-    result = fresh.stub.LoadModel(tiny_load_options(tiny_model_dir, *options, **fields), timeout=300)
+def test_bad_load_reports_failure_and_the_worker_stays_usable(
+    fresh, tiny_model_dir, options, fields, fragment
+):
+    result = fresh.stub.LoadModel(
+        tiny_load_options(tiny_model_dir, *options, **fields), timeout=300
+    )
     assert not result.success
     assert result.message.startswith("failed to load model")
     assert fragment in result.message
@@ -67,7 +72,9 @@ def test_bad_load_reports_failure_and_the_worker_stays_usable(fresh, tiny_model_
 def test_engine_start_failure_is_reported_not_raised(fresh, tiny_model_dir):
     # Far more KV cache than the machine has: the engine itself fails to start.
     result = fresh.stub.LoadModel(
-        tiny_load_options(tiny_model_dir, kv_cache=False, GPUMemoryUtilization=1.0, MaxModelLen=4096),
+        tiny_load_options(
+            tiny_model_dir, kv_cache=False, GPUMemoryUtilization=1.0, MaxModelLen=4096
+        ),
         timeout=300,
     )
     assert not result.success, result.message
@@ -81,11 +88,16 @@ def test_load_free_reload_releases_the_engine(fresh, tiny_model_dir):
     children = _engine_children(fresh)
     assert children, "vLLM runs its engine core in a child process"
     loaded_rss = fresh.stub.Status(pb.HealthMessage()).memory.total
-    assert fresh.stub.Predict(pb.PredictOptions(Prompt="hi", Tokens=3, IgnoreEOS=True), timeout=60).tokens == 3
+    assert (
+        fresh.stub.Predict(
+            pb.PredictOptions(Prompt="hi", Tokens=3, IgnoreEOS=True), timeout=60
+        ).tokens
+        == 3
+    )
 
     freed = fresh.stub.Free(pb.HealthMessage(), timeout=120)
     assert freed.success
-    gone, alive = psutil.wait_procs(children, timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, f"engine processes still alive after Free: {alive}"
     assert fresh.stub.Status(pb.HealthMessage()).memory.total < loaded_rss
     with pytest.raises(grpc.RpcError) as err:
@@ -94,7 +106,12 @@ def test_load_free_reload_releases_the_engine(fresh, tiny_model_dir):
 
     again = fresh.stub.LoadModel(tiny_load_options(tiny_model_dir), timeout=300)
     assert again.success, again.message
-    assert fresh.stub.Predict(pb.PredictOptions(Prompt="hi", Tokens=3, IgnoreEOS=True), timeout=60).tokens == 3
+    assert (
+        fresh.stub.Predict(
+            pb.PredictOptions(Prompt="hi", Tokens=3, IgnoreEOS=True), timeout=60
+        ).tokens
+        == 3
+    )
 
 
 def test_load_on_a_loaded_worker_replaces_the_model(fresh, tiny_model_dir):
@@ -107,4 +124,9 @@ def test_load_on_a_loaded_worker_replaces_the_model(fresh, tiny_model_dir):
     _, alive = psutil.wait_procs(old, timeout=30)
     assert old and not alive, "the old engine is shut down before the new one serves"
     assert _engine_children(fresh)
-    assert fresh.stub.Predict(pb.PredictOptions(Prompt="hi", Tokens=2, IgnoreEOS=True), timeout=60).tokens == 2
+    assert (
+        fresh.stub.Predict(
+            pb.PredictOptions(Prompt="hi", Tokens=2, IgnoreEOS=True), timeout=60
+        ).tokens
+        == 2
+    )

@@ -42,7 +42,7 @@ def test_engine_generate_error_reports_its_cause():
             raise KeyError("missing")
         except KeyError as inner:
             raise wrapper() from inner
-    except Exception as exc:  # noqa: BLE001 - the test inspects it
+    except Exception as exc:
         code, message = to_status(exc)
     assert code == grpc.StatusCode.INTERNAL
     assert "missing" in message

@@ -13,8 +13,17 @@ from tests.unit.fakes import FakeModelOptions
 class RecordingParser:
     """Stands in for vLLM's argparse: records flags, coerces digits to int."""
 
-    field_names = frozenset({"max_num_seqs", "enable_prefix_caching", "dtype", "max_model_len",
-                             "hf_overrides", "reasoning_parser", "seed"})
+    field_names = frozenset(
+        {
+            "max_num_seqs",
+            "enable_prefix_caching",
+            "dtype",
+            "max_model_len",
+            "hf_overrides",
+            "reasoning_parser",
+            "seed",
+        }
+    )
 
     def option_for(self, key):
         return "--" + key.replace("_", "-") if key in self.field_names else None
@@ -53,7 +62,9 @@ def test_option_entry_without_key_or_value_is_rejected(entry):
 
 def test_precedence_typed_then_options_then_engine_args():
     opts = FakeModelOptions(
-        ContextSize=1024, DType="float32", Seed=5,
+        ContextSize=1024,
+        DType="float32",
+        Seed=5,
         Options=["--max-model-len:2048", "tool_parser:hermes", "reasoning_parser:qwen3"],
         EngineArgs='{"max_model_len": 4096, "max-num-seqs": 3}',
     )
@@ -76,9 +87,17 @@ def test_max_model_len_wins_over_context_size():
 
 def test_typed_fields_map_to_engine_args():
     opts = FakeModelOptions(
-        GPUMemoryUtilization=0.2, TrustRemoteCode=True, EnforceEager=True, TensorParallelSize=2,
-        Quantization="awq", LoadFormat="safetensors", Tokenizer="tok", DisableLogStatus=True,
-        LimitImagePerPrompt=2, LimitAudioPerPrompt=1, SwapSpace=4,
+        GPUMemoryUtilization=0.2,
+        TrustRemoteCode=True,
+        EnforceEager=True,
+        TensorParallelSize=2,
+        Quantization="awq",
+        LoadFormat="safetensors",
+        Tokenizer="tok",
+        DisableLogStatus=True,
+        LimitImagePerPrompt=2,
+        LimitAudioPerPrompt=1,
+        SwapSpace=4,
     )
     plan = build_load_plan(opts, RecordingParser())
     kw = plan.engine_kwargs
@@ -92,7 +111,10 @@ def test_typed_fields_map_to_engine_args():
 
 
 def test_trust_remote_code_is_off_unless_asked():
-    assert "trust_remote_code" not in build_load_plan(FakeModelOptions(), RecordingParser()).engine_kwargs
+    assert (
+        "trust_remote_code"
+        not in build_load_plan(FakeModelOptions(), RecordingParser()).engine_kwargs
+    )
 
 
 def test_unknown_option_names_the_closest_engine_argument():
@@ -120,8 +142,11 @@ def test_model_resolution_prefers_an_existing_local_directory(tmp_path):
     (tmp_path / "my-model").mkdir()
     opts = FakeModelOptions(Model="my-model", ModelPath=str(tmp_path))
     assert resolve_model(opts) == str(tmp_path / "my-model")
-    opts = FakeModelOptions(Model="Qwen/Qwen3-0.6B", ModelPath=str(tmp_path),
-                            ModelFile=str(tmp_path / "Qwen/Qwen3-0.6B"))
+    opts = FakeModelOptions(
+        Model="Qwen/Qwen3-0.6B",
+        ModelPath=str(tmp_path),
+        ModelFile=str(tmp_path / "Qwen/Qwen3-0.6B"),
+    )
     assert resolve_model(opts) == "Qwen/Qwen3-0.6B"
     with pytest.raises(InvalidArgument, match="Model is empty"):
         resolve_model(FakeModelOptions(Model=""))

@@ -4,9 +4,17 @@ from dataclasses import dataclass, field
 import pytest
 
 from backend.errors import InvalidArgument
-from backend.prompts import chat_input, convert_messages, parse_tool_choice, parse_tools, template_kwargs
+from backend.prompts import (
+    chat_input,
+    convert_messages,
+    parse_tool_choice,
+    parse_tools,
+    template_kwargs,
+)
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+]
 
 
 @dataclass
@@ -28,14 +36,21 @@ class Req:
 
 
 def test_messages_keep_every_field_and_decode_tool_call_arguments():
-    calls = [{"id": "c1", "type": "function",
-              "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]
-    out = convert_messages([
-        Msg("system", "be brief"),
-        Msg("user", "weather?", name="bob"),
-        Msg("assistant", "", reasoning_content="thinking", tool_calls=json.dumps(calls)),
-        Msg("tool", '{"temp": 20}', tool_call_id="c1"),
-    ])
+    calls = [
+        {
+            "id": "c1",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})},
+        }
+    ]
+    out = convert_messages(
+        [
+            Msg("system", "be brief"),
+            Msg("user", "weather?", name="bob"),
+            Msg("assistant", "", reasoning_content="thinking", tool_calls=json.dumps(calls)),
+            Msg("tool", '{"temp": 20}', tool_call_id="c1"),
+        ]
+    )
     assert out[0] == {"role": "system", "content": "be brief"}
     assert out[1]["name"] == "bob"
     assert out[2]["reasoning_content"] == "thinking"
@@ -58,8 +73,11 @@ def test_parameterless_call_with_empty_arguments_becomes_empty_object():
         (Msg("assistant", tool_calls="[{"), "tool_calls is not valid JSON"),
         (Msg("assistant", tool_calls='{"a": 1}'), "must be a JSON array"),
         (Msg("assistant", tool_calls='[{"function": {}}]'), "function.name"),
-        (Msg("assistant", tool_calls='[{"function": {"name": "f", "arguments": "{bad"}}]'), "arguments"),
-        (Msg("user", tool_calls='[]'), "only assistant"),
+        (
+            Msg("assistant", tool_calls='[{"function": {"name": "f", "arguments": "{bad"}}]'),
+            "arguments",
+        ),
+        (Msg("user", tool_calls="[]"), "only assistant"),
     ],
 )
 def test_bad_messages_are_rejected_with_the_message_index(message, fragment):
@@ -75,9 +93,13 @@ def test_empty_messages_with_template_is_an_error():
 
 @pytest.mark.parametrize(
     ("raw", "fragment"),
-    [("[{", "Tools is not valid JSON"), ('{"a": 1}', "JSON array"), ('[{"type": "function"}]', "Tools\\[0\\]"),
-     ('[{"type": "retrieval", "function": {"name": "f"}}]', "type must be"),
-     ('[{"function": {"name": "f", "parameters": 3}}]', "parameters")],
+    [
+        ("[{", "Tools is not valid JSON"),
+        ('{"a": 1}', "JSON array"),
+        ('[{"type": "function"}]', "Tools\\[0\\]"),
+        ('[{"type": "retrieval", "function": {"name": "f"}}]', "type must be"),
+        ('[{"function": {"name": "f", "parameters": 3}}]', "parameters"),
+    ],
 )
 def test_bad_tools_are_rejected(raw, fragment):
     with pytest.raises(InvalidArgument, match=fragment):
@@ -86,8 +108,13 @@ def test_bad_tools_are_rejected(raw, fragment):
 
 @pytest.mark.parametrize(
     ("raw", "mode", "name"),
-    [("", "auto", None), ('"auto"', "auto", None), ("none", "none", None), ('"required"', "required", None),
-     ('{"type": "function", "function": {"name": "get_weather"}}', "function", "get_weather")],
+    [
+        ("", "auto", None),
+        ('"auto"', "auto", None),
+        ("none", "none", None),
+        ('"required"', "required", None),
+        ('{"type": "function", "function": {"name": "get_weather"}}', "function", "get_weather"),
+    ],
 )
 def test_tool_choice_forms(raw, mode, name):
     choice = parse_tool_choice(raw, TOOLS)
@@ -96,8 +123,13 @@ def test_tool_choice_forms(raw, mode, name):
 
 @pytest.mark.parametrize(
     ("raw", "tools", "fragment"),
-    [('"sometimes"', TOOLS, "must be none"), ('{"function": {"name": "nope"}}', TOOLS, "not in Tools"),
-     ('"required"', None, "no Tools"), ("{bad", TOOLS, "ToolChoice is not valid JSON"), ("3", TOOLS, "must be none")],
+    [
+        ('"sometimes"', TOOLS, "must be none"),
+        ('{"function": {"name": "nope"}}', TOOLS, "not in Tools"),
+        ('"required"', None, "no Tools"),
+        ("{bad", TOOLS, "ToolChoice is not valid JSON"),
+        ("3", TOOLS, "must be none"),
+    ],
 )
 def test_bad_tool_choice_is_rejected(raw, tools, fragment):
     with pytest.raises(InvalidArgument, match=fragment):
@@ -105,7 +137,9 @@ def test_bad_tool_choice_is_rejected(raw, tools, fragment):
 
 
 def test_thinking_flag_and_template_kwargs_from_metadata():
-    kwargs, skip = template_kwargs({"enable_thinking": "false", "chat_template_kwargs": '{"enable_thinking": true, "x": 1}'})
+    kwargs, skip = template_kwargs(
+        {"enable_thinking": "false", "chat_template_kwargs": '{"enable_thinking": true, "x": 1}'}
+    )
     assert kwargs == {"enable_thinking": False, "x": 1}
     assert skip is None
     assert template_kwargs({"skip_special_tokens": "true"})[1] is True

@@ -14,17 +14,37 @@ def test_all_zero_request_means_greedy_without_token_cap():
 
 def test_every_supported_field_maps_to_its_sampling_param():
     req = FakePredict(
-        Tokens=7, Temperature=0.7, TopP=0.9, TopK=40, MinP=0.05, Penalty=1.1,
-        FrequencyPenalty=0.5, PresencePenalty=-0.5, Seed=42, StopPrompts=["</s>", ""],
-        IgnoreEOS=True, LogitBias='{"12": -5, "7": 3.5}', Logprobs=1, TopLogprobs=3,
+        Tokens=7,
+        Temperature=0.7,
+        TopP=0.9,
+        TopK=40,
+        MinP=0.05,
+        Penalty=1.1,
+        FrequencyPenalty=0.5,
+        PresencePenalty=-0.5,
+        Seed=42,
+        StopPrompts=["</s>", ""],
+        IgnoreEOS=True,
+        LogitBias='{"12": -5, "7": 3.5}',
+        Logprobs=1,
+        TopLogprobs=3,
         TypicalP=1.0,
     )
     kw = sampling_kwargs(req)
     assert kw == {
-        "max_tokens": 7, "temperature": pytest.approx(0.7), "top_p": pytest.approx(0.9),
-        "top_k": 40, "min_p": pytest.approx(0.05), "repetition_penalty": pytest.approx(1.1),
-        "frequency_penalty": 0.5, "presence_penalty": -0.5, "seed": 42, "stop": ["</s>"],
-        "ignore_eos": True, "logit_bias": {12: -5.0, 7: 3.5}, "logprobs": 3,
+        "max_tokens": 7,
+        "temperature": pytest.approx(0.7),
+        "top_p": pytest.approx(0.9),
+        "top_k": 40,
+        "min_p": pytest.approx(0.05),
+        "repetition_penalty": pytest.approx(1.1),
+        "frequency_penalty": 0.5,
+        "presence_penalty": -0.5,
+        "seed": 42,
+        "stop": ["</s>"],
+        "ignore_eos": True,
+        "logit_bias": {12: -5.0, 7: 3.5},
+        "logprobs": 3,
     }
 
 

@@ -14,16 +14,29 @@ from backend.parsing import OutputState
 
 pytest.importorskip("vllm")
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}}}}
-PING = {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+PING = {
+    "type": "function",
+    "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}},
+}
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 TEXTS = {
     "reasoning then call": "<think>\nI should call the tool.\n</think>\n\n" + CALL,
     "reasoning, text, call": "<think>\nhm\n</think>\n\nLet me check.\n\n" + CALL,
-    "two parallel calls": "<think>\nboth\n</think>\n\n" + CALL + "\n" + CALL.replace("Paris", "Rome"),
-    "parameterless call": '<think>\nx\n</think>\n\n<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>',
+    "two parallel calls": "<think>\nboth\n</think>\n\n"
+    + CALL
+    + "\n"
+    + CALL.replace("Paris", "Rome"),
+    "parameterless call": (
+        '<think>\nx\n</think>\n\n<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>'
+    ),
     "plain text": "<think>\nno tools needed\n</think>\n\nJust text, with {braces} and ünïcode.",
     "cut in reasoning": "<think>\nthe reasoning is cut here",
     "call without reasoning": "</think>\n\n" + CALL,
@@ -50,13 +63,18 @@ def _parser_cls(tokenizer, tool, reasoning):
     from vllm.parser import ParserManager
 
     return ParserManager.get_parser(
-        tool_parser_name=tool, reasoning_parser_name=reasoning, enable_auto_tools=True, tokenizer=tokenizer
+        tool_parser_name=tool,
+        reasoning_parser_name=reasoning,
+        enable_auto_tools=True,
+        tokenizer=tokenizer,
     )
 
 
 def _stream(cls, tokenizer, req, text, size):
     markers = {i: t for t, i in tokenizer.get_added_vocab().items()}
-    state = OutputState(cls(tokenizer, req.tools, chat_template_kwargs={}, model_config=None), req, markers=markers)
+    state = OutputState(
+        cls(tokenizer, req.tools, chat_template_kwargs={}, model_config=None), req, markers=markers
+    )
     state.prompt_token_ids = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
     ids = tokenizer.encode(text, add_special_tokens=False)
     reasoning = content = ""
@@ -71,7 +89,7 @@ def _stream(cls, tokenizer, req, text, size):
         if decoded.endswith("\ufffd") and not finished:
             delta_text = ""
         else:
-            delta_text, sent = decoded[len(sent):], decoded
+            delta_text, sent = decoded[len(sent) :], decoded
         piece = state.feed(delta_text, ids[start:end], finished=finished)
         reasoning += piece.reasoning
         content += piece.content
@@ -93,7 +111,9 @@ def _whole(cls, tokenizer, req, text):
 @pytest.mark.parametrize("parsers", [("hermes", "qwen3"), ("hermes", "deepseek_r1")])
 @pytest.mark.parametrize("name", list(TEXTS))
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 8])
-def test_streamed_pieces_concatenate_to_the_whole_text_result(tokenizer, request_, parsers, name, size):
+def test_streamed_pieces_concatenate_to_the_whole_text_result(
+    tokenizer, request_, parsers, name, size
+):
     cls = _parser_cls(tokenizer, *parsers)
     text = TEXTS[name]
     whole = _whole(cls, tokenizer, request_, text)
@@ -112,7 +132,9 @@ def test_known_results_of_the_forced_texts(tokenizer, request_):
     piece = _whole(cls, tokenizer, request_, TEXTS["two parallel calls"])
     assert piece.reasoning == "\nboth\n" and piece.content == ""
     assert [(c.index, c.name, json.loads(c.arguments)) for c in piece.tool_calls] == [
-        (0, "get_weather", {"city": "Paris"}), (1, "get_weather", {"city": "Rome"})]
+        (0, "get_weather", {"city": "Paris"}),
+        (1, "get_weather", {"city": "Rome"}),
+    ]
     assert all(c.id.startswith("chatcmpl-tool-") for c in piece.tool_calls)
     plain = _whole(cls, tokenizer, request_, TEXTS["plain text"])
     assert plain.content.strip() == "Just text, with {braces} and ünïcode." and not plain.tool_calls

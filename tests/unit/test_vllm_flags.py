@@ -15,11 +15,17 @@ def parser():
 
 
 def test_cli_flags_are_coerced_to_engine_types(parser):
-    opts = FakeModelOptions(Options=[
-        "--max-num-seqs:8", "--enable-prefix-caching", "enforce_eager:false",
-        '--hf-overrides={"rope_theta": 1000}', "max_model_len=512", "--dtype:float32",
-        "--no-enable-chunked-prefill",
-    ])
+    opts = FakeModelOptions(
+        Options=[
+            "--max-num-seqs:8",
+            "--enable-prefix-caching",
+            "enforce_eager:false",
+            '--hf-overrides={"rope_theta": 1000}',
+            "max_model_len=512",
+            "--dtype:float32",
+            "--no-enable-chunked-prefill",
+        ]
+    )
     kw = build_load_plan(opts, parser).engine_kwargs
     assert kw["max_num_seqs"] == 8
     assert kw["enable_prefix_caching"] is True
