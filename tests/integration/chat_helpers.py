@@ -6,6 +6,9 @@ import json
 from dataclasses import dataclass, field
 
 from backend.gen import backend_pb2 as pb
+from tools.forcing import TAGS, gbnf_literal, tag_bias
+
+__all__ = ["TAGS", "gbnf_literal", "tag_bias"]
 
 WEATHER_TOOL = {
     "type": "function",
@@ -21,27 +24,12 @@ WEATHER_TOOL = {
 }
 TIME_TOOL = {
     "type": "function",
-    "function": {"name": "get_time", "description": "Current time", "parameters": {"type": "object", "properties": {}}},
+    "function": {
+        "name": "get_time",
+        "description": "Current time",
+        "parameters": {"type": "object", "properties": {}},
+    },
 }
-TAGS = ("<tool_call>", "</tool_call>", "<think>", "</think>")
-
-
-def gbnf_literal(text: str) -> str:
-    """A GBNF grammar that admits exactly `text`."""
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'root ::= "{escaped}"'
-
-
-def tag_bias(stub) -> str:
-    """LogitBias making grammar-forced tags come out as their single added-token
-    ids (grammar forcing alone may spell `<think>` byte by byte, and reasoning
-    parsers look for the `</think>` id)."""
-    ids = {}
-    for tag in TAGS:
-        tokens = stub.TokenizeString(pb.PredictOptions(Prompt=tag)).tokens
-        assert len(tokens) == 1, f"{tag} must be one token in the tiny tokenizer"
-        ids[str(tokens[0])] = 100
-    return json.dumps(ids)
 
 
 def whitespace_bias(model_dir) -> dict[str, int]:
@@ -55,8 +43,17 @@ def whitespace_bias(model_dir) -> dict[str, int]:
     return {str(i): -100 for i in range(len(tok)) if tok.decode([i]).isspace()}
 
 
-def chat_request(stub, messages, *, forced: str | None = None, tools=None, tool_choice=None,
-                 metadata=None, tokens: int = 200, **kw) -> pb.PredictOptions:
+def chat_request(
+    stub,
+    messages,
+    *,
+    forced: str | None = None,
+    tools=None,
+    tool_choice=None,
+    metadata=None,
+    tokens: int = 200,
+    **kw,
+) -> pb.PredictOptions:
     req = pb.PredictOptions(
         UseTokenizerTemplate=True,
         Messages=[pb.Message(**m) for m in messages],
@@ -97,7 +94,10 @@ class ChatResult:
         return {
             "content": self.content,
             "reasoning": self.reasoning,
-            "calls": [(c.name, json.loads(c.arguments) if c.arguments else None) for _, c in sorted(self.calls.items())],
+            "calls": [
+                (c.name, json.loads(c.arguments) if c.arguments else None)
+                for _, c in sorted(self.calls.items())
+            ],
         }
 
 
