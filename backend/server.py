@@ -102,14 +102,6 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    if config.exit_on_engine_death:
-
-        def die() -> None:
-            log.error("engine died and exit_on_engine_death is set: exiting")
-            stop.set()
-
-        servicer.on_engine_death = die  # type: ignore[method-assign]
-
     await server.start()
     log.info(
         "listening on %s (auth %s, max concurrent requests %s)",
@@ -117,16 +109,22 @@ async def serve(config: ServerConfig) -> None:
         "on" if config.auth_token else "off",
         config.max_concurrent_requests or "unlimited",
     )
-    watcher = None
+
+    def on_engine_death() -> None:
+        if config.exit_on_engine_death:
+            log.error("exit_on_engine_death is set: exiting so the gateway restarts the worker")
+            stop.set()
+
+    watchers = [asyncio.create_task(servicer.watch_engine(1.0, on_engine_death))]
     if config.parent_watch:
-        watcher = asyncio.create_task(
-            _watch_parent(os.getppid(), config.parent_watch_interval, stop)
+        watchers.append(
+            asyncio.create_task(_watch_parent(os.getppid(), config.parent_watch_interval, stop))
         )
     try:
         await stop.wait()
     finally:
         log.info("shutting down (grace %.1fs)", config.grace_seconds)
-        if watcher is not None:
+        for watcher in watchers:
             watcher.cancel()
         # Refuse new RPCs, let in-flight ones finish within the grace period,
         # then cancel the rest (their engine requests are aborted), then stop

@@ -78,16 +78,22 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             log.exception("%s failed", rpc)
         else:
             log.info("%s: %s: %s", rpc, code.name, message)
-        if (
-            code == grpc.StatusCode.UNAVAILABLE
-            and self.model is not None
-            and self.model.engine.errored
-        ):
-            self.on_engine_death()
         await context.abort(code, message)
 
-    def on_engine_death(self) -> None:
-        """Hook set by the server: exit the process if configured to."""
+    async def watch_engine(self, interval: float, on_death: Callable[[], None]) -> None:
+        """Notice an engine death even when no request is running.
+
+        In-flight requests learn of it from vLLM at once (EngineDeadError);
+        this makes Health/Status and the optional exit independent of traffic.
+        """
+        reported: object = None
+        while True:
+            await asyncio.sleep(interval)
+            model = self.model
+            if model is not None and model.engine.errored and reported is not model:
+                reported = model
+                log.error("the vLLM engine died; Health answers UNAVAILABLE until LoadModel")
+                on_death()
 
     def _require_model(self, identity: str = "") -> LoadedModel:
         model = self.model
