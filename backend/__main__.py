@@ -1,5 +1,8 @@
 """`python -m backend --addr HOST:PORT` — the worker's entry point (run.sh calls it).
 
+`python -m backend import-command "vllm serve …"` prints the gateway model
+config for a `vllm serve` command instead (`backend/import_command.py`).
+
 vLLM starts its engine in spawned processes, which re-import the main module:
 everything runs under the `__main__` guard.
 """
@@ -12,9 +15,14 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["import-command"]:
+        from backend.import_command import main as import_command
+
+        raise SystemExit(import_command(args[1:]))
     from backend.config import parse_config
 
-    config = parse_config(sys.argv[1:] if argv is None else argv)
+    config = parse_config(args)
     logging.basicConfig(
         level=config.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -19,6 +19,7 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
 from vllm.reasoning import ReasoningParserManager
 from vllm.renderers.inputs.preprocess import parse_model_prompt
@@ -252,6 +253,9 @@ class Engine:
         # closed (CancelledError/GeneratorExit → abort): cancellation of the
         # RPC task is all it takes, so nothing here swallows it.
         return self.llm.generate(engine_input, params, request_id, **kwargs)
+
+    def lora_request(self, name: str, index: int, path: str) -> LoRARequest:
+        return LoRARequest(lora_name=name, lora_int_id=index + 1, lora_path=path)
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)

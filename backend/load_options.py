@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -75,6 +76,19 @@ class ModelOptionsLike(Protocol):
     LimitAudioPerPrompt: int
     Options: Sequence[str]
     EngineArgs: str
+    Overrides: Sequence[str]
+    DraftModel: str
+    LoraAdapter: str
+    LoraAdapters: Sequence[str]
+    LoraScale: float
+    LoraScales: Sequence[float]
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    name: str
+    path: str
+    scale: float = 1.0
 
 
 @dataclass
@@ -83,6 +97,7 @@ class BackendSettings:
     reasoning_parser: str | None = None
     chat_template: str | None = None
     tool_parser_plugin: str | None = None
+    lora_adapters: list[LoraAdapter] = field(default_factory=list)
 
 
 @dataclass
@@ -207,12 +222,109 @@ def typed_fields(opts: ModelOptionsLike) -> tuple[dict[str, Any], list[str]]:
     limits = {k: v for k, v in limits.items() if v}
     if limits:
         kw["limit_mm_per_prompt"] = limits
+    overrides = parse_overrides(opts.Overrides)
+    if overrides:
+        kw["hf_overrides"] = overrides
+    if opts.DraftModel.strip():
+        # The draft length is a load-time setting in vLLM (NDraft arrives per
+        # request and cannot change it); override the whole config through
+        # Options/EngineArgs `speculative_config` for anything else.
+        kw["speculative_config"] = {
+            "model": opts.DraftModel.strip(),
+            "num_speculative_tokens": DEFAULT_DRAFT_TOKENS,
+        }
     if opts.SwapSpace:
         warnings.append(
             f"SwapSpace={opts.SwapSpace} is ignored: this vLLM version has no CPU swap "
             "space (use Options cpu_offload_gb or kv offloading instead)"
         )
     return kw, warnings
+
+
+DEFAULT_DRAFT_TOKENS = 3
+
+
+def _scalar(text: str) -> Any:
+    """`1` → 1, `true` → True, `{"a": 1}` → dict; anything else stays a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_overrides(entries: Sequence[str]) -> dict[str, Any]:
+    """`Overrides[]` → vLLM `hf_overrides`: `key=value` entries (values JSON
+    when they parse: numbers, booleans, objects) or whole JSON objects, merged
+    in order."""
+    out: dict[str, Any] = {}
+    for entry in entries:
+        text = entry.strip()
+        if not text:
+            continue
+        if text.startswith("{"):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise InvalidArgument(f"Overrides entry is not valid JSON: {e}") from None
+            if not isinstance(data, dict):
+                raise InvalidArgument("Overrides JSON entries must be objects")
+            out.update(data)
+            continue
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise InvalidArgument(f"Overrides entry {entry!r} must be key=value or a JSON object")
+        out[key.strip()] = _scalar(value.strip())
+    return out
+
+
+def lora_adapters(opts: ModelOptionsLike) -> list[LoraAdapter]:
+    """LoraAdapter / LoraAdapters with their scales (LoraScale / LoraScales;
+    0 or missing = 1.0). Relative paths are resolved against ModelPath."""
+    paths = [p for p in [opts.LoraAdapter, *opts.LoraAdapters] if p.strip()]
+    scales = (
+        [opts.LoraScale, *opts.LoraScales] if opts.LoraAdapter.strip() else list(opts.LoraScales)
+    )
+    out: list[LoraAdapter] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(paths):
+        path = raw.strip()
+        if not os.path.isabs(path) and opts.ModelPath and not os.path.exists(path):
+            path = os.path.join(opts.ModelPath, path)
+        if path in seen:
+            continue
+        seen.add(path)
+        scale = float(scales[i]) if i < len(scales) and scales[i] else 1.0
+        if not math.isfinite(scale):
+            raise InvalidArgument(f"LoRA scale for {raw!r} must be a finite number")
+        name = os.path.basename(os.path.normpath(path)) or f"lora{i + 1}"
+        if any(a.name == name for a in out):
+            name = f"{name}-{i + 1}"
+        out.append(LoraAdapter(name=name, path=path, scale=scale))
+    return out
+
+
+def lora_engine_kwargs(adapters: Sequence[LoraAdapter]) -> dict[str, Any]:
+    """enable_lora with room for every adapter and the largest rank among them."""
+    if not adapters:
+        return {}
+    ranks = []
+    for adapter in adapters:
+        config_path = os.path.join(adapter.path, "adapter_config.json")
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                ranks.append(int(json.load(f).get("r", 0)))
+        except FileNotFoundError:
+            raise InvalidArgument(
+                f"LoRA adapter {adapter.path!r} has no adapter_config.json"
+            ) from None
+        except (OSError, ValueError, TypeError) as e:
+            raise InvalidArgument(
+                f"LoRA adapter {adapter.path!r}: bad adapter_config.json: {e}"
+            ) from None
+    kw: dict[str, Any] = {"enable_lora": True, "max_loras": len(adapters)}
+    if max(ranks) > 0:
+        kw["max_lora_rank"] = max(ranks)
+    return kw
 
 
 def options_layer(
@@ -260,7 +372,10 @@ def engine_args_layer(raw: str, field_names: frozenset[str]) -> dict[str, Any]:
 
 def build_load_plan(opts: ModelOptionsLike, parser: FlagParser) -> LoadPlan:
     kwargs, warnings = typed_fields(opts)
+    adapters = lora_adapters(opts)
+    kwargs.update(lora_engine_kwargs(adapters))
     from_options, settings = options_layer(list(opts.Options), parser)
+    settings.lora_adapters = adapters
     kwargs.update(from_options)
     kwargs.update(engine_args_layer(opts.EngineArgs, parser.field_names))
     for key in ("tool_parser", "reasoning_parser"):

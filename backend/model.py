@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from backend import engine as eng
-from backend import prompts
+from backend import lora, prompts
 from backend.config import ServerConfig
 from backend.errors import InvalidArgument
 from backend.gen import backend_pb2 as pb
@@ -65,6 +66,11 @@ class LoadedModel:
         self.online = online
         self.parser_cls = parser_cls
         self.tool_parser, self.reasoning_parser = parsers
+        adapters, self._lora_dir = lora.scaled_copies(engine.plan.settings.lora_adapters)
+        self.adapters = adapters
+        self.lora_requests = [
+            engine.lora_request(a.name, i, a.path) for i, a in enumerate(adapters)
+        ]
         # Added tokens (<think>, <tool_call>, ...): OutputState gives each its own delta.
         self.markers = {i: t for t, i in engine.tokenizer.get_added_vocab().items()}
         self.defaults = {
@@ -124,6 +130,8 @@ class LoadedModel:
 
     async def close(self) -> None:
         await self.engine.shutdown()
+        if self._lora_dir:
+            shutil.rmtree(self._lora_dir, ignore_errors=True)
 
     # ---- per request --------------------------------------------------------
 
@@ -147,6 +155,13 @@ class LoadedModel:
             kw["max_tokens"] = max(1, min(kw["max_tokens"], room))
 
     async def prepare(self, request: pb.PredictOptions, *, stream: bool) -> Prepared:
+        prep = await self._prepare(request, stream)
+        chosen = lora.choose(self.adapters, request.Metadata)
+        if chosen is not None:
+            prep.generate_kwargs["lora_request"] = self.lora_requests[chosen]
+        return prep
+
+    async def _prepare(self, request: pb.PredictOptions, stream: bool) -> Prepared:
         kw = self._sampling(request)
         if request.UseTokenizerTemplate:
             return await self._prepare_chat(request, kw, stream)

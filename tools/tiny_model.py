@@ -728,3 +728,38 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def build_tiny_lora(out_dir: str | Path, *, rank: int = 8, seed: int = 7) -> Path:
+    """A PEFT-format LoRA adapter for the tiny model (q/v projections of both
+    layers), random but large enough to change greedy output visibly."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    hidden, kv_dim = HIDDEN_SIZE, NUM_KV_HEADS * HEAD_DIM
+    tensors = {}
+    for layer in range(2):
+        for proj, out_features in (("q_proj", hidden), ("v_proj", kv_dim)):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden, generator=gen) * 0.5
+            tensors[f"{prefix}.lora_B.weight"] = (
+                torch.randn(out_features, rank, generator=gen) * 0.5
+            )
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": "tiny-qwen2",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out

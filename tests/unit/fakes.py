@@ -49,3 +49,9 @@ class FakeModelOptions:
     LimitAudioPerPrompt: int = 0
     Options: list[str] = field(default_factory=list)
     EngineArgs: str = ""
+    Overrides: list[str] = field(default_factory=list)
+    DraftModel: str = ""
+    LoraAdapter: str = ""
+    LoraAdapters: list[str] = field(default_factory=list)
+    LoraScale: float = 0.0
+    LoraScales: list[float] = field(default_factory=list)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from backend.errors import InvalidArgument
@@ -150,3 +152,53 @@ def test_model_resolution_prefers_an_existing_local_directory(tmp_path):
     assert resolve_model(opts) == "Qwen/Qwen3-0.6B"
     with pytest.raises(InvalidArgument, match="Model is empty"):
         resolve_model(FakeModelOptions(Model=""))
+
+
+def test_overrides_become_hf_overrides():
+    opts = FakeModelOptions(
+        Overrides=["rope_theta=1000000", "use_cache=false", '{"a": {"b": 1}}', "name=x"]
+    )
+    assert build_load_plan(opts, RecordingParser()).engine_kwargs["hf_overrides"] == {
+        "rope_theta": 1000000,
+        "use_cache": False,
+        "a": {"b": 1},
+        "name": "x",
+    }
+    with pytest.raises(InvalidArgument, match="key=value"):
+        build_load_plan(FakeModelOptions(Overrides=["novalue"]), RecordingParser())
+    with pytest.raises(InvalidArgument, match="Overrides"):
+        build_load_plan(FakeModelOptions(Overrides=["{bad"]), RecordingParser())
+
+
+def test_draft_model_becomes_a_speculative_config():
+    kw = build_load_plan(
+        FakeModelOptions(DraftModel="/models/draft"), RecordingParser()
+    ).engine_kwargs
+    assert kw["speculative_config"] == {"model": "/models/draft", "num_speculative_tokens": 3}
+
+
+def _adapter(path, rank):
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 16}))
+    return path
+
+
+def test_lora_adapters_enable_lora_with_the_largest_rank(tmp_path):
+    a = _adapter(tmp_path / "style", 8)
+    b = _adapter(tmp_path / "facts", 16)
+    opts = FakeModelOptions(
+        LoraAdapter=str(a),
+        LoraScale=0.5,
+        LoraAdapters=["facts"],
+        LoraScales=[2.0],
+        ModelPath=str(tmp_path),
+    )
+    plan = build_load_plan(opts, RecordingParser())
+    assert plan.engine_kwargs["enable_lora"] is True
+    assert plan.engine_kwargs["max_lora_rank"] == 16 and plan.engine_kwargs["max_loras"] == 2
+    assert [(x.name, x.path, x.scale) for x in plan.settings.lora_adapters] == [
+        ("style", str(a), 0.5),
+        ("facts", str(b), 2.0),
+    ]
+    with pytest.raises(InvalidArgument, match="adapter_config.json"):
+        build_load_plan(FakeModelOptions(LoraAdapter=str(tmp_path)), RecordingParser())
