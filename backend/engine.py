@@ -254,6 +254,27 @@ class Engine:
         # RPC task is all it takes, so nothing here swallows it.
         return self.llm.generate(engine_input, params, request_id, **kwargs)
 
+    async def prompt_logprobs(self, token_ids: list[int], request_id: str) -> list[float | None]:
+        """log p(token_i | tokens before i) for every position (None at 0)."""
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=0,
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        final = None
+        async for out in self.llm.generate({"prompt_token_ids": token_ids}, params, request_id):
+            final = out
+        positions = final.prompt_logprobs if final is not None else None
+        if positions is None:
+            raise RuntimeError("the engine returned no prompt logprobs")
+        values: list[float | None] = []
+        for token, position in zip(token_ids, positions, strict=False):
+            entry = position.get(token) if position else None
+            values.append(entry.logprob if entry is not None else None)
+        return values
+
     def lora_request(self, name: str, index: int, path: str) -> LoRARequest:
         return LoRARequest(lora_name=name, lora_int_id=index + 1, lora_path=path)
 
@@ -262,6 +283,9 @@ class Engine:
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def decode_token(self, token_id: int) -> str:
+        return str(self.tokenizer.decode([token_id]))
 
     def detokenize(self, ids: Sequence[int]) -> str:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]

@@ -66,7 +66,10 @@ _IMPLIED = (
     "tools for tool_choice none"
 )
 _FORMAT = "the worker detects the chat template's content format, as vllm serve's default does"
-_LORA = "named LoRA adapters of vLLM's OpenAI server are not imported"
+_LORA = (
+    "not imported: vllm serve offers named adapters beside the base model, while the "
+    "gateway's lora_adapters apply the first one to every request"
+)
 _REMOVED = "no longer a vLLM flag; requests are not logged unless --enable-log-requests"
 
 

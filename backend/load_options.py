@@ -349,8 +349,15 @@ def options_layer(
     return parser.parse(flags), settings
 
 
-def engine_args_layer(raw: str, field_names: frozenset[str]) -> dict[str, Any]:
-    """The strict `EngineArgs` JSON object: every key must be an engine field."""
+def engine_args_layer(raw: str, parser: FlagParser) -> dict[str, Any]:
+    """The strict `EngineArgs` JSON object: every key must be an engine field.
+
+    Values that have a CLI flag go through vLLM's parser like Options do, so
+    a config object given as JSON (`structured_outputs_config`, ...) becomes
+    the same typed object `vllm serve` would build; null sets the field to
+    None (e.g. `max_model_len: null` keeps the model's own length).
+    """
+    field_names = parser.field_names
     if not raw.strip():
         return {}
     try:
@@ -366,7 +373,17 @@ def engine_args_layer(raw: str, field_names: frozenset[str]) -> dict[str, Any]:
             raise InvalidArgument(
                 f"EngineArgs key {key!r} is not a vLLM engine argument{closest(name, field_names)}"
             )
-        out[name] = value
+        option = parser.option_for(name)
+        if value is None or option is None:
+            out[name] = value
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = value
+        else:
+            text = json.dumps(value)
+        out.update(parser.parse([(option, text)]))
     return out
 
 
@@ -377,7 +394,7 @@ def build_load_plan(opts: ModelOptionsLike, parser: FlagParser) -> LoadPlan:
     from_options, settings = options_layer(list(opts.Options), parser)
     settings.lora_adapters = adapters
     kwargs.update(from_options)
-    kwargs.update(engine_args_layer(opts.EngineArgs, parser.field_names))
+    kwargs.update(engine_args_layer(opts.EngineArgs, parser))
     for key in ("tool_parser", "reasoning_parser"):
         value = getattr(settings, key)
         if value is not None and value.lower() == "none":

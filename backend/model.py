@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend import engine as eng
-from backend import lora, prompts
+from backend import lora, prompts, scoring
 from backend.config import ServerConfig
 from backend.errors import InvalidArgument
 from backend.gen import backend_pb2 as pb
@@ -232,6 +232,39 @@ class LoadedModel:
             generation_ms=total_ms - prompt_ms,
         )
         return reply(piece, chat=prep.chat, usage=usage, logprobs=prep.state.all_logprobs())
+
+
+async def score(model: LoadedModel, request: pb.ScoreRequest, request_id: str) -> pb.ScoreResponse:
+    """Joint log-probability of each candidate given the prompt (see scoring.py)."""
+    if not request.candidates:
+        raise InvalidArgument("Score needs at least one candidate")
+    engine = model.engine
+    prompt_ids = engine.tokenize(request.prompt)
+    fulls = [engine.tokenize(request.prompt + candidate) for candidate in request.candidates]
+    for i, ids in enumerate(fulls):
+        if len(ids) > engine.max_model_len:
+            raise InvalidArgument(
+                f"prompt + candidates[{i}] is {len(ids)} tokens, over the context "
+                f"length {engine.max_model_len}"
+            )
+    positions = await asyncio.gather(
+        *(engine.prompt_logprobs(ids, f"{request_id}-{i}") for i, ids in enumerate(fulls))
+    )
+    decode = engine.decode_token
+    out = pb.ScoreResponse()
+    for ids, logprobs in zip(fulls, positions, strict=True):
+        result = scoring.score_candidate(
+            ids, scoring.common_prefix(prompt_ids, ids), logprobs, decode
+        )
+        candidate = out.candidates.add(
+            log_prob=result.log_prob,
+            length_normalized_log_prob=result.normalized,
+            num_tokens=result.num_tokens,
+        )
+        if request.include_token_logprobs:
+            for token, lp in result.tokens:
+                candidate.tokens.add(token=token, log_prob=lp)
+    return out
 
 
 def _read_template(value: str | None) -> str | None:

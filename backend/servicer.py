@@ -24,7 +24,7 @@ from backend.config import ServerConfig
 from backend.errors import FailedPrecondition, NotLoaded, Overloaded, Unavailable, to_status
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
-from backend.model import LoadedModel, Prepared
+from backend.model import LoadedModel, Prepared, score
 from backend.replies import ChatPiece, Usage, reply
 
 log = logging.getLogger(__name__)
@@ -273,6 +273,18 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     ) -> pb.DetokenizeResponse:
         model = self._require_model()
         return pb.DetokenizeResponse(content=model.engine.detokenize(list(request.tokens)))
+
+    @_unary
+    async def Score(
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreResponse:
+        model = self._require_model(request.ModelIdentity)
+        self._admit()
+        self._active += 1
+        try:
+            return await score(model, request, f"score-{next(self._ids)}")
+        finally:
+            self._active -= 1
 
     # ---- not served by this model type ---------------------------------------
 

@@ -1,5 +1,7 @@
 """The real vLLM argument parser behind Options: coercion as `vllm serve` does it."""
 
+import json
+
 import pytest
 
 from backend.errors import InvalidArgument
@@ -48,3 +50,21 @@ def test_cli_flags_are_coerced_to_engine_types(parser):
 def test_bad_values_name_the_flag(parser, entry, fragment):
     with pytest.raises(InvalidArgument, match=fragment):
         build_load_plan(FakeModelOptions(Options=[entry]), parser)
+
+
+def test_engine_args_json_objects_are_coerced_like_cli_flags(parser):
+    opts = FakeModelOptions(
+        EngineArgs=json.dumps(
+            {
+                "structured_outputs_config": {"enable_in_reasoning": True},
+                "max_num_seqs": 4,
+                "enable_prefix_caching": False,
+                "max_model_len": None,
+            }
+        )
+    )
+    kw = build_load_plan(opts, parser).engine_kwargs
+    assert type(kw["structured_outputs_config"]).__name__ == "StructuredOutputsConfig"
+    assert kw["structured_outputs_config"].enable_in_reasoning is True
+    assert kw["max_num_seqs"] == 4 and kw["enable_prefix_caching"] is False
+    assert kw["max_model_len"] is None
