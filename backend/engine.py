@@ -163,7 +163,7 @@ class Engine:
         self.load_seconds = load_seconds
         self.model_config = llm.model_config
         self.max_model_len: int = llm.model_config.max_model_len
-        self.tokenizer = llm.get_tokenizer()
+        self.tokenizer: Any = llm.get_tokenizer()
         self.renderer = llm.renderer
         self.vocab_size: int = len(self.tokenizer)
 
@@ -283,6 +283,48 @@ class Engine:
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def chat_template(self, override: str | None) -> str | None:
+        """The Jinja template chats are rendered with (None: the model has none)."""
+        from vllm.renderers.hf import resolve_chat_template
+
+        try:
+            return resolve_chat_template(
+                self.tokenizer, override, None, model_config=self.model_config
+            )
+        except (ValueError, TypeError):
+            return None
+
+    def template_accepts(self, template: str, key: str) -> bool:
+        """Whether the template reads `key` (vLLM drops kwargs it does not)."""
+        from vllm.renderers.hf import resolve_chat_template_kwargs
+
+        return key in resolve_chat_template_kwargs(self.tokenizer, template, {key: True})
+
+    def render_template(self, template: str, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        return str(
+            self.tokenizer.apply_chat_template(
+                messages,
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=True,
+                **kwargs,
+            )
+        )
+
+    def media_placeholder(self) -> str:
+        """The text the model expects in the prompt per image ('' if text-only)."""
+        if not self.model_config.is_multimodal_model:
+            return ""
+        from vllm.model_executor.model_loader import get_model_cls
+
+        model_cls = get_model_cls(self.model_config)
+        for modality in ("image", "video", "audio"):
+            get = getattr(model_cls, "get_placeholder_str", None)
+            marker = get(modality, 1) if get is not None else None
+            if marker:
+                return str(marker)
+        return ""
 
     def decode_token(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id]))

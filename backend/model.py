@@ -23,6 +23,7 @@ from backend.config import ServerConfig
 from backend.errors import InvalidArgument
 from backend.gen import backend_pb2 as pb
 from backend.load_options import build_load_plan, describe
+from backend.metadata import tool_format
 from backend.parsing import LogprobsSink, OutputState, choose_parsers
 from backend.replies import Usage, reply
 from backend.sampling import sampling_kwargs
@@ -66,6 +67,7 @@ class LoadedModel:
         self.online = online
         self.parser_cls = parser_cls
         self.tool_parser, self.reasoning_parser = parsers
+        self.chat_template: str | None = None
         adapters, self._lora_dir = lora.scaled_copies(engine.plan.settings.lora_adapters)
         self.adapters = adapters
         self.lora_requests = [
@@ -115,6 +117,7 @@ class LoadedModel:
             )
             online = engine.online_renderer(chat_template, *parsers)
             model = cls(engine, request.Model or plan.model, online, online.parser, parsers)
+            model.chat_template = chat_template
         except BaseException:
             await engine.shutdown()
             raise
@@ -265,6 +268,23 @@ async def score(model: LoadedModel, request: pb.ScoreRequest, request_id: str) -
             for token, lp in result.tokens:
                 candidate.tokens.add(token=token, log_prob=lp)
     return out
+
+
+def model_metadata(model: LoadedModel) -> pb.ModelMetadataResponse:
+    engine = model.engine
+    template = engine.chat_template(model.chat_template)
+    thinking = template is not None and engine.template_accepts(template, "enable_thinking")
+    rendered = ""
+    if template and (thinking or model.reasoning_parser):
+        rendered = engine.render_template(
+            template, [{"role": "user", "content": "Hello"}], enable_thinking=True
+        )
+    return pb.ModelMetadataResponse(
+        supports_thinking=thinking or bool(model.reasoning_parser),
+        rendered_template=rendered,
+        tool_format=pb.ToolFormatMarkers(**tool_format(model.tool_parser, model.reasoning_parser)),
+        media_marker=engine.media_placeholder(),
+    )
 
 
 def _read_template(value: str | None) -> str | None:

@@ -24,7 +24,8 @@ from backend.config import ServerConfig
 from backend.errors import FailedPrecondition, NotLoaded, Overloaded, Unavailable, to_status
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
-from backend.model import LoadedModel, Prepared, score
+from backend.metadata import Counters
+from backend.model import LoadedModel, Prepared, model_metadata, score
 from backend.replies import ChatPiece, Usage, reply
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         self._loading = False
         self._active = 0
         self._ids = itertools.count(1)
+        self.counters = Counters()
 
     # ---- plumbing -----------------------------------------------------------
 
@@ -204,7 +206,9 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
                 final = out
             if final is None:
                 raise Unavailable("the engine returned no output")
-            return model.unary_reply(prep, final, started)
+            result = model.unary_reply(prep, final, started)
+            self.counters.add(result.prompt_tokens, result.tokens)
+            return result
         finally:
             self._active -= 1
 
@@ -232,22 +236,25 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         prompt_tokens = 0
         chat = prep.chat
         tail = ChatPiece()
-        async for out in model.engine.generate(
-            prep.engine_input, prep.params, self._request_id(request), **prep.generate_kwargs
-        ):
-            if not first_at:
-                first_at = time.monotonic()
-                prompt_tokens = len(out.prompt_token_ids or ())
-            completion = out.outputs[0]
-            ids = completion.token_ids
-            completion_tokens += len(ids)
-            piece = state.feed(completion.text, ids, completion.logprobs, finished=out.finished)
-            if out.finished:
-                # The last delta (with what the parser flushed) rides on the
-                # final Reply together with usage.
-                tail = piece
-            elif piece:
-                yield reply(piece, chat=chat, logprobs=state.chunk_logprobs())
+        try:
+            async for out in model.engine.generate(
+                prep.engine_input, prep.params, self._request_id(request), **prep.generate_kwargs
+            ):
+                if not first_at:
+                    first_at = time.monotonic()
+                    prompt_tokens = len(out.prompt_token_ids or ())
+                completion = out.outputs[0]
+                ids = completion.token_ids
+                completion_tokens += len(ids)
+                piece = state.feed(completion.text, ids, completion.logprobs, finished=out.finished)
+                if out.finished:
+                    # The last delta (with what the parser flushed) rides on
+                    # the final Reply together with usage.
+                    tail = piece
+                elif piece:
+                    yield reply(piece, chat=chat, logprobs=state.chunk_logprobs())
+        finally:
+            self.counters.add(prompt_tokens, completion_tokens)
         done = time.monotonic()
         usage = Usage(
             prompt_tokens=prompt_tokens,
@@ -273,6 +280,23 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     ) -> pb.DetokenizeResponse:
         model = self._require_model()
         return pb.DetokenizeResponse(content=model.engine.detokenize(list(request.tokens)))
+
+    @_unary
+    async def ModelMetadata(
+        self, request: pb.ModelOptions, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        return model_metadata(self._require_model())
+
+    @_unary
+    async def GetMetrics(
+        self, request: pb.MetricsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MetricsResponse:
+        counters = self.counters
+        return pb.MetricsResponse(
+            tokens_per_second=counters.tokens_per_second(),
+            tokens_generated=counters.generated_tokens,
+            prompt_tokens_processed=counters.prompt_tokens,
+        )
 
     @_unary
     async def Score(
