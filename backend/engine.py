@@ -201,9 +201,16 @@ class Engine:
     def num_unfinished(self) -> int:
         return int(self.llm.get_num_unfinished_requests())
 
-    async def render_prompt(self, text: str) -> Any:
+    async def render_prompt(self, text: str, mm_data: dict[str, Any] | None = None) -> Any:
         """Raw prompt text → engine input (tokenized off the event loop by vLLM)."""
-        parsed = parse_model_prompt(self.model_config, {"prompt": text})
+        prompt: dict[str, Any] = {"prompt": text}
+        if mm_data:
+            if not self.model_config.is_multimodal_model:
+                raise InvalidArgument(
+                    f"model {self.model_config.model} takes no images/videos/audio"
+                )
+            prompt["multi_modal_data"] = mm_data
+        parsed = parse_model_prompt(self.model_config, prompt)
         (engine_input,) = await self.renderer.render_cmpl_async([parsed])
         return engine_input
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend import engine as eng
-from backend import lora, prompts, scoring
+from backend import lora, media, prompts, scoring
 from backend.config import ServerConfig
 from backend.errors import InvalidArgument
 from backend.gen import backend_pb2 as pb
@@ -172,7 +172,8 @@ class LoadedModel:
             raise InvalidArgument(
                 "Prompt is empty (set Prompt, or UseTokenizerTemplate with Messages)"
             )
-        engine_input = await self.engine.render_prompt(request.Prompt)
+        mm_data = media.multi_modal_data(request.Images, request.Videos, request.Audios)
+        engine_input = await self.engine.render_prompt(request.Prompt, mm_data)
         self._clamp(kw, engine_input)
         params = eng.sampling_params(kw, stream=stream)
         state = OutputState(None, None, self._logprobs(kw, request))
@@ -182,6 +183,7 @@ class LoadedModel:
         self, request: pb.PredictOptions, kw: dict[str, Any], stream: bool
     ) -> Prepared:
         chat = prompts.chat_input(request)
+        media.attach_to_last_user(chat.messages, request.Images, request.Videos, request.Audios)
         body: dict[str, Any] = {
             "messages": chat.messages,
             "stream": stream,

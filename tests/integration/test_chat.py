@@ -248,20 +248,43 @@ def test_concurrent_chat_streams_do_not_share_parser_state(loaded):
         (dict(Grammar='{"type": "object"'), "JSON schema"),
         (dict(Metadata={"chat_template_kwargs": "[1]"}), "chat_template_kwargs"),
         (dict(ToolChoice='"sometimes"'), "ToolChoice"),
+        (dict(Images=["!!not base64"]), "Images[0] is not valid base64"),
     ],
 )
 def test_bad_chat_requests_are_invalid_argument(loaded, change, fragment):
     req = chat_request(loaded.stub, USER, tools=[WEATHER_TOOL], tokens=4)
     for key, value in change.items():
-        if key in ("Messages", "Metadata"):
-            getattr(req, key).clear() if key == "Metadata" else req.ClearField(key)
-            if key == "Messages":
-                req.Messages.extend(value)
-            else:
-                req.Metadata.update(value)
+        if key == "Metadata":
+            req.Metadata.clear()
+            req.Metadata.update(value)
+        elif key in ("Messages", "Images"):
+            req.ClearField(key)
+            getattr(req, key).extend(value)
         else:
             setattr(req, key, value)
     with pytest.raises(grpc.RpcError) as err:
         loaded.stub.Predict(req, timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert fragment.lower() in err.value.details().lower()
+
+
+def test_an_image_for_a_text_only_model_is_invalid_argument(loaded):
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    req = chat_request(loaded.stub, USER, tokens=4)
+    req.Images.append(base64.b64encode(buf.getvalue()).decode())
+    with pytest.raises(grpc.RpcError) as err:
+        loaded.stub.Predict(req, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    raw = pb.PredictOptions(
+        Prompt="x", Tokens=2, Images=[base64.b64encode(buf.getvalue()).decode()]
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        loaded.stub.Predict(raw, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "takes no images" in err.value.details()
