@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from pydantic import ValidationError
-from vllm import SamplingParams
+from vllm import PoolingParams, SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -260,6 +260,23 @@ class Engine:
         # closed (CancelledError/GeneratorExit → abort): cancellation of the
         # RPC task is all it takes, so nothing here swallows it.
         return self.llm.generate(engine_input, params, request_id, **kwargs)
+
+    @property
+    def pooling(self) -> bool:
+        return self.model_config.runner_type == "pooling"
+
+    async def supported_tasks(self) -> tuple[str, ...]:
+        return tuple(await self.llm.get_supported_tasks())
+
+    async def pool(self, engine_input: Any, task: str, request_id: str) -> Any:
+        """One pooling request (embed / token_embed / classify) → its output."""
+        final = None
+        params = PoolingParams(task=task)  # type: ignore[arg-type]  # checked by caller
+        async for out in self.llm.encode(engine_input, params, request_id):
+            final = out
+        if final is None:
+            raise RuntimeError("the engine returned no pooling output")
+        return final
 
     async def prompt_logprobs(self, token_ids: list[int], request_id: str) -> list[float | None]:
         """log p(token_i | tokens before i) for every position (None at 0)."""

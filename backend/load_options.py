@@ -71,6 +71,8 @@ class ModelOptionsLike(Protocol):
     TensorParallelSize: int
     Tokenizer: str
     DisableLogStatus: bool
+    Embeddings: bool
+    Reranking: bool
     LimitImagePerPrompt: int
     LimitVideoPerPrompt: int
     LimitAudioPerPrompt: int
@@ -212,6 +214,10 @@ def typed_fields(opts: ModelOptionsLike) -> tuple[dict[str, Any], list[str]]:
         kw["seed"] = opts.Seed
     if opts.DisableLogStatus:
         kw["disable_log_stats"] = True
+    if opts.Embeddings or opts.Reranking:
+        # Pooling runner: embeddings (a generative model is converted to an
+        # embedding model), or scores for cross-encoder / reranker models.
+        kw["runner"] = "pooling"
     limits = {
         "image": opts.LimitImagePerPrompt,
         "video": opts.LimitVideoPerPrompt,

@@ -20,7 +20,7 @@ from typing import Any
 from backend import engine as eng
 from backend import lora, media, prompts, scoring
 from backend.config import ServerConfig
-from backend.errors import InvalidArgument
+from backend.errors import FailedPrecondition, InvalidArgument
 from backend.gen import backend_pb2 as pb
 from backend.load_options import build_load_plan, describe
 from backend.metadata import tool_format
@@ -105,6 +105,10 @@ class LoadedModel:
         log.info("loading %s: %s", plan.model, describe(plan.engine_kwargs))
         engine = await eng.Engine.start(plan)
         try:
+            if engine.pooling:
+                model = cls(engine, request.Model or plan.model, None, None, (None, None))
+                log.info("model %s ready for pooling in %.1fs", plan.model, engine.load_seconds)
+                return model
             hf = engine.model_config.hf_config
             parsers = choose_parsers(
                 settings.tool_parser,
@@ -125,6 +129,8 @@ class LoadedModel:
         return model
 
     def summary(self) -> str:
+        if self.engine.pooling:
+            return f"loaded {self.identity} for pooling in {self.engine.load_seconds:.1f}s"
         return (
             f"loaded {self.identity} in {self.engine.load_seconds:.1f}s "
             f"(max_model_len {self.engine.max_model_len}, tool parser "
@@ -165,6 +171,11 @@ class LoadedModel:
         return prep
 
     async def _prepare(self, request: pb.PredictOptions, stream: bool) -> Prepared:
+        if self.engine.pooling:
+            raise FailedPrecondition(
+                "this model was loaded for embeddings/scoring (Embeddings or Reranking set): "
+                "it cannot generate text"
+            )
         kw = self._sampling(request)
         if request.UseTokenizerTemplate:
             return await self._prepare_chat(request, kw, stream)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from backend import pooling
 from backend import status as status_mod
 from backend.config import ServerConfig
 from backend.errors import FailedPrecondition, NotLoaded, Overloaded, Unavailable, to_status
@@ -310,13 +311,16 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         finally:
             self._active -= 1
 
-    # ---- not served by this model type ---------------------------------------
-
     @_unary
     async def Embedding(
         self, request: pb.PredictOptions, context: grpc.aio.ServicerContext
     ) -> pb.EmbeddingResult:
-        self._require_model(request.ModelIdentity)
-        raise FailedPrecondition(
-            "this model was loaded for generation; embeddings need LoadModel with Embeddings=true"
-        )
+        model = self._require_model(request.ModelIdentity)
+        self._admit()
+        self._active += 1
+        try:
+            result = await pooling.embed(model, request, self._request_id(request))
+            self.counters.add(result.prompt_tokens, 0)
+            return result
+        finally:
+            self._active -= 1

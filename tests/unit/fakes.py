@@ -44,6 +44,8 @@ class FakeModelOptions:
     TensorParallelSize: int = 0
     Tokenizer: str = ""
     DisableLogStatus: bool = False
+    Embeddings: bool = False
+    Reranking: bool = False
     LimitImagePerPrompt: int = 0
     LimitVideoPerPrompt: int = 0
     LimitAudioPerPrompt: int = 0
