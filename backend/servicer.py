@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import text_format
 
 from backend import pooling
 from backend import status as status_mod
@@ -121,7 +122,13 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             )
 
     def _request_id(self, request: Any) -> str:
-        return f"{request.CorrelationId or 'req'}-{next(self._ids)}"
+        rid = f"{request.CorrelationId or 'req'}-{next(self._ids)}"
+        if self.config.debug_requests:
+            # Only with --debug-requests: prompts may be private.
+            log.info(
+                "request %s: %s", rid, text_format.MessageToString(request, as_one_line=True)[:4000]
+            )
+        return rid
 
     # ---- lifecycle ----------------------------------------------------------
 
