@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import multiprocessing
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -154,6 +155,14 @@ def sampling_params(kwargs: dict[str, Any], *, stream: bool) -> SamplingParams:
         raise
 
 
+def _reap_children(timeout: float = 10.0) -> None:
+    """Wait for the engine processes vLLM just stopped (it kills them but
+    does not always wait, which leaves zombies behind)."""
+    deadline = time.monotonic() + timeout
+    for child in multiprocessing.active_children():
+        child.join(max(0.0, deadline - time.monotonic()))
+
+
 class Engine:
     """A started `AsyncLLM` and what we read from it once."""
 
@@ -181,7 +190,22 @@ class Engine:
         except TypeError as e:
             raise InvalidArgument(f"bad engine arguments: {e}") from None
         started = time.monotonic()
-        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        starting = asyncio.get_running_loop().run_in_executor(None, AsyncLLM.from_engine_args, args)
+        try:
+            llm = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # The LoadModel was cancelled (deadline, client gone, shutdown) but
+            # the start cannot be interrupted: wait for it (the caller still
+            # holds the load lock, so no second engine starts meanwhile) and
+            # stop the engine, so none outlives the request that asked for it.
+            log.warning("LoadModel cancelled during engine start: stopping the engine once up")
+            try:
+                orphan = await asyncio.shield(starting)
+            except Exception:
+                raise asyncio.CancelledError() from None  # the start failed: nothing to stop
+            await asyncio.to_thread(orphan.shutdown)
+            await asyncio.to_thread(_reap_children)
+            raise
         try:
             llm._run_output_handler()
             # Without this, an engine that dies before the first request is
@@ -370,4 +394,5 @@ class Engine:
             # The engine may already be dead; its processes are gone either way.
             log.warning("engine shutdown reported an error", exc_info=True)
         del llm
+        await asyncio.to_thread(_reap_children)
         gc.collect()

@@ -23,11 +23,17 @@ def _engine_children(worker: Worker) -> list[psutil.Process]:
     """vLLM's engine processes under the worker. Python's multiprocessing
     resource tracker (one per process that ever spawned, lives as long as the
     worker and holds no model memory) is not one of them."""
-    return [
-        p
-        for p in psutil.Process(worker.proc.pid).children(recursive=True)
-        if "resource_tracker" not in " ".join(p.cmdline())
-    ]
+    out = []
+    for p in psutil.Process(worker.proc.pid).children(recursive=True):
+        try:
+            if "resource_tracker" in " ".join(p.cmdline()):
+                continue
+        except psutil.ZombieProcess:
+            pass  # an engine process nobody reaped: still counts
+        except psutil.NoSuchProcess:
+            continue
+        out.append(p)
+    return out
 
 
 def test_before_load_rpcs_fail_with_failed_precondition(fresh):
@@ -99,6 +105,7 @@ def test_load_free_reload_releases_the_engine(fresh, tiny_model_dir):
     assert freed.success
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, f"engine processes still alive after Free: {alive}"
+    assert not _engine_children(fresh), "exited engine processes are reaped, not left as zombies"
     assert fresh.stub.Status(pb.HealthMessage()).memory.total < loaded_rss
     with pytest.raises(grpc.RpcError) as err:
         fresh.stub.Predict(pb.PredictOptions(Prompt="hi"), timeout=10)
@@ -130,3 +137,19 @@ def test_load_on_a_loaded_worker_replaces_the_model(fresh, tiny_model_dir):
         ).tokens
         == 2
     )
+
+
+def test_cancelled_load_does_not_leave_an_engine_behind(fresh, tiny_model_dir):
+    fresh.stub.Free(pb.HealthMessage(), timeout=120)
+    with pytest.raises(grpc.RpcError) as err:
+        fresh.stub.LoadModel(tiny_load_options(tiny_model_dir), timeout=2)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The worker finishes the abandoned start and stops that engine before
+    # the next load runs: afterwards exactly one engine serves.
+    result = fresh.stub.LoadModel(tiny_load_options(tiny_model_dir), timeout=300)
+    assert result.success, result.message
+    cores = [p for p in _engine_children(fresh) if p.status() != psutil.STATUS_ZOMBIE]
+    assert all("VLLM" in p.name() for p in cores), cores
+    cores = [p for p in cores if "EngineCore" in p.name()]
+    assert len(cores) == 1, cores
+    assert "cancelled during engine start" in fresh.log_tail(400)
