@@ -292,10 +292,12 @@ class Engine:
     async def supported_tasks(self) -> tuple[str, ...]:
         return tuple(await self.llm.get_supported_tasks())
 
-    async def pool(self, engine_input: Any, task: str, request_id: str) -> Any:
+    async def pool(
+        self, engine_input: Any, task: str, request_id: str, extra: dict[str, Any] | None = None
+    ) -> Any:
         """One pooling request (embed / token_embed / classify) → its output."""
         final = None
-        params = PoolingParams(task=task)  # type: ignore[arg-type]  # checked by caller
+        params = PoolingParams(task=task, extra_kwargs=extra)  # type: ignore[arg-type]
         async for out in self.llm.encode(engine_input, params, request_id):
             final = out
         if final is None:
@@ -373,6 +375,16 @@ class Engine:
             if marker:
                 return str(marker)
         return ""
+
+    def encode_pair(self, first: str, second: str) -> tuple[list[int], int]:
+        """A cross-encoder's (query, document) input: the pair's token ids and
+        the index of the document's first token (its token_type_ids, as vLLM's
+        /rerank passes them: `TokensPrompt(token_type_ids=...)` is ignored)."""
+        enc = self.tokenizer(first, second)
+        ids = list(enc["input_ids"])
+        types = list(enc.get("token_type_ids") or [])
+        second_at = types.index(1) if 1 in types else len(ids)
+        return ids, second_at
 
     def decode_token(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id]))

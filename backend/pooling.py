@@ -8,6 +8,7 @@ needs a model whose pooler supports vLLM's `token_embed` task.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from backend.errors import FailedPrecondition, InvalidArgument
@@ -48,4 +49,48 @@ async def embed(model: Any, request: pb.PredictOptions, request_id: str) -> pb.E
         dim=int(vectors.shape[1]),
         prompt_tokens=len(out.prompt_token_ids or ()),
         layout=layout,
+    )
+
+
+async def rerank(model: Any, request: pb.RerankRequest, request_id: str) -> pb.RerankResult:
+    """Score each document against the query with a cross-encoder (vLLM's
+    `classify` task on the pair, as its /rerank does), best first."""
+    engine = model.engine
+    if not engine.pooling or "classify" not in await engine.supported_tasks():
+        raise FailedPrecondition(
+            "Rerank needs a cross-encoder / reranker model loaded with Reranking=true"
+        )
+    if not request.documents:
+        raise InvalidArgument("Rerank needs at least one document")
+    if request.top_n < 0:
+        raise InvalidArgument(f"top_n must be >= 0, got {request.top_n}")
+    pairs = [engine.encode_pair(request.query, doc) for doc in request.documents]
+    for i, (ids, _) in enumerate(pairs):
+        if len(ids) > engine.max_model_len:
+            raise InvalidArgument(
+                f"query + documents[{i}] is {len(ids)} tokens, over the context "
+                f"length {engine.max_model_len}"
+            )
+    outputs = await asyncio.gather(
+        *(
+            engine.pool(
+                {"prompt_token_ids": ids},
+                "classify",
+                f"{request_id}-{i}",
+                {"compressed_token_type_ids": second_at},
+            )
+            for i, (ids, second_at) in enumerate(pairs)
+        )
+    )
+    scores = [float(out.outputs.data.reshape(-1)[0]) for out in outputs]
+    order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
+    if request.top_n:
+        order = order[: request.top_n]
+    tokens = sum(len(ids) for ids, _ in pairs)
+    return pb.RerankResult(
+        usage=pb.Usage(total_tokens=tokens, prompt_tokens=tokens),
+        results=[
+            pb.DocumentResult(index=i, text=request.documents[i], relevance_score=scores[i])
+            for i in order
+        ],
     )

@@ -319,6 +319,20 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             self._active -= 1
 
     @_unary
+    async def Rerank(
+        self, request: pb.RerankRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RerankResult:
+        model = self._require_model(request.ModelIdentity)
+        self._admit()
+        self._active += 1
+        try:
+            result = await pooling.rerank(model, request, f"rerank-{next(self._ids)}")
+            self.counters.add(result.usage.prompt_tokens, 0)
+            return result
+        finally:
+            self._active -= 1
+
+    @_unary
     async def Embedding(
         self, request: pb.PredictOptions, context: grpc.aio.ServicerContext
     ) -> pb.EmbeddingResult:
