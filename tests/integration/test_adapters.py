@@ -75,3 +75,16 @@ def test_lora_scale_scales_the_adapters_effect(lora_worker, tiny_model_dir):
     shared = set(tiny) & set(base)
     assert len(shared) >= 3
     assert max(abs(tiny[t] - base[t]) for t in shared) < 0.05
+
+
+def test_draft_model_speculative_decoding_is_lossless(lora_worker, tiny_model_dir, loaded):
+    """The tiny model as its own draft: vLLM runs draft-model speculation on
+    CPU, and greedy output is exactly the non-speculative output."""
+    worker, _ = lora_worker
+    expected = _greedy(loaded.stub)
+    result = worker.stub.LoadModel(
+        tiny_load_options(tiny_model_dir, DraftModel=str(tiny_model_dir)), timeout=300
+    )
+    assert result.success, result.message
+    assert _greedy(worker.stub) == expected
+    assert "SpeculativeConfig(method='draft_model'" in worker.log_tail(400)
