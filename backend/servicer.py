@@ -10,11 +10,12 @@ aborts the engine request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -113,13 +114,21 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             )
         return model
 
-    def _admit(self) -> None:
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Count a request as running, or refuse it at once when the
+        max_concurrent_requests cap is reached (no unbounded queueing)."""
         cap = self.config.max_concurrent_requests
         if cap and self._active >= cap:
             raise Overloaded(
                 f"{self._active} requests already running "
                 f"(max_concurrent_requests={cap}): retry later"
             )
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
 
     def _request_id(self, request: Any) -> str:
         rid = f"{request.CorrelationId or 'req'}-{next(self._ids)}"
@@ -202,9 +211,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         self, request: pb.PredictOptions, context: grpc.aio.ServicerContext
     ) -> pb.Reply:
         model = self._require_model(request.ModelIdentity)
-        self._admit()
-        self._active += 1
-        try:
+        with self._admitted():
             prep = await model.prepare(request, stream=False)
             started = time.monotonic()
             final = None
@@ -217,22 +224,16 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             result = model.unary_reply(prep, final, started)
             self.counters.add(result.prompt_tokens, result.tokens)
             return result
-        finally:
-            self._active -= 1
 
     @_streaming
     async def PredictStream(
         self, request: pb.PredictOptions, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Reply]:
         model = self._require_model(request.ModelIdentity)
-        self._admit()
-        self._active += 1
-        try:
+        with self._admitted():
             prep = await model.prepare(request, stream=True)
             async for message in self._stream(model, prep, request):
                 yield message
-        finally:
-            self._active -= 1
 
     async def _stream(
         self, model: LoadedModel, prep: Prepared, request: pb.PredictOptions
@@ -311,37 +312,25 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> pb.ScoreResponse:
         model = self._require_model(request.ModelIdentity)
-        self._admit()
-        self._active += 1
-        try:
+        with self._admitted():
             return await score(model, request, f"score-{next(self._ids)}")
-        finally:
-            self._active -= 1
 
     @_unary
     async def Rerank(
         self, request: pb.RerankRequest, context: grpc.aio.ServicerContext
     ) -> pb.RerankResult:
         model = self._require_model(request.ModelIdentity)
-        self._admit()
-        self._active += 1
-        try:
+        with self._admitted():
             result = await pooling.rerank(model, request, f"rerank-{next(self._ids)}")
             self.counters.add(result.usage.prompt_tokens, 0)
             return result
-        finally:
-            self._active -= 1
 
     @_unary
     async def Embedding(
         self, request: pb.PredictOptions, context: grpc.aio.ServicerContext
     ) -> pb.EmbeddingResult:
         model = self._require_model(request.ModelIdentity)
-        self._admit()
-        self._active += 1
-        try:
+        with self._admitted():
             result = await pooling.embed(model, request, self._request_id(request))
             self.counters.add(result.prompt_tokens, 0)
             return result
-        finally:
-            self._active -= 1
