@@ -890,17 +890,27 @@ class Harness:
         full = (time.monotonic() - t0) * want / calib_tokens
         per_token = full / want
 
-        call = self.stub.PredictStream(
-            self.predict_request(Tokens=want, IgnoreEOS=True), timeout=300
-        )
-        started = time.monotonic()
-        first = next((r for r in call if r.message), None)
-        check(first is not None, "the stream ended before its first token")
-        busy = self.status()
-        check(
-            busy == pb.StatusResponse.BUSY,
-            f"Status during generation is {state_name(busy)}",
-        )
+        retried = 0
+        for _attempt in range(3):
+            call = self.stub.PredictStream(
+                self.predict_request(Tokens=want, IgnoreEOS=True), timeout=300
+            )
+            started = time.monotonic()
+            first = next((r for r in call if r.message), None)
+            check(first is not None, "the stream ended before its first token")
+            busy = self.status()
+            if busy == pb.StatusResponse.BUSY:
+                break
+            # READY while streaming is the bug this checks for, unless a CPU-starved
+            # machine let the whole generation finish before Status was answered:
+            # then the stream ran to its end, and the check is retried.
+            rest = list(call)
+            check(
+                bool(rest) and rest[-1].tokens == want,
+                f"Status during generation is {state_name(busy)}",
+            )
+            retried += 1
+        check(busy == pb.StatusResponse.BUSY, "generation always finished before Status answered")
         call.cancel()
         cancelled_at = time.monotonic()
         state = busy
@@ -927,7 +937,7 @@ class Harness:
         return (
             f"READY {took * 1000:.0f}ms after cancel, {ready_at - started:.2f}s after the stream "
             f"started (all {want} tokens would take ~{full:.1f}s at {1 / per_token:.0f} tok/s); "
-            "next Predict fine"
+            "next Predict fine" + (f" ({retried} retried: machine too slow)" if retried else "")
         )
 
     def cap_free(self) -> str:
