@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 
 
@@ -30,7 +31,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     from backend.server import serve
 
-    asyncio.run(serve(config))
+    code = asyncio.run(serve(config))
+    # Everything is stopped (engine processes included); skip the interpreter's
+    # teardown, which spends seconds collecting torch/vLLM objects.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

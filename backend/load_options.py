@@ -254,7 +254,7 @@ def _scalar(text: str) -> Any:
     """`1` → 1, `true` → True, `{"a": 1}` → dict; anything else stays a string."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return text
 
 
@@ -270,7 +270,7 @@ def parse_overrides(entries: Sequence[str]) -> dict[str, Any]:
         if text.startswith("{"):
             try:
                 data = json.loads(text)
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, huge ints, deep nesting
                 raise InvalidArgument(f"Overrides entry is not valid JSON: {e}") from None
             if not isinstance(data, dict):
                 raise InvalidArgument("Overrides JSON entries must be objects")
@@ -368,7 +368,7 @@ def engine_args_layer(raw: str, parser: FlagParser) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, huge ints, deep nesting
         raise InvalidArgument(f"EngineArgs is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise InvalidArgument("EngineArgs must be a JSON object of vLLM engine arguments")

@@ -19,10 +19,9 @@ from typing import Any
 
 from backend import engine as eng
 from backend import lora, media, prompts, scoring
-from backend.config import ServerConfig
 from backend.errors import FailedPrecondition, InvalidArgument
 from backend.gen import backend_pb2 as pb
-from backend.load_options import build_load_plan, describe
+from backend.load_options import LoadPlan, build_load_plan, describe
 from backend.metadata import tool_format
 from backend.parsing import LogprobsSink, OutputState, choose_parsers
 from backend.replies import Usage, reply
@@ -82,7 +81,9 @@ class LoadedModel:
         }
 
     @classmethod
-    async def load(cls, request: pb.ModelOptions, config: ServerConfig) -> LoadedModel:
+    async def validate(cls, request: pb.ModelOptions) -> tuple[LoadPlan, str | None]:
+        """Everything about a LoadModel that can be checked without starting
+        the engine: a request that fails here leaves the serving model alone."""
         parser = await asyncio.to_thread(eng.flag_parser)
         plan = build_load_plan(request, parser)
         for warning in plan.warnings:
@@ -99,7 +100,15 @@ class LoadedModel:
             known_tool=known_tool,
             known_reasoning=known_reasoning,
         )
-        chat_template = _read_template(settings.chat_template)
+        _eager_without_compiler(plan)
+        return plan, _read_template(settings.chat_template)
+
+    @classmethod
+    async def load(
+        cls, request: pb.ModelOptions, plan: LoadPlan, chat_template: str | None
+    ) -> LoadedModel:
+        settings = plan.settings
+        known_tool, known_reasoning = eng.known_parsers()
         if plan.engine_kwargs.get("trust_remote_code"):
             log.warning("trust_remote_code is ON: the model's own Python code will run")
         log.info("loading %s: %s", plan.model, describe(plan.engine_kwargs))
@@ -298,6 +307,20 @@ def model_metadata(model: LoadedModel) -> pb.ModelMetadataResponse:
         tool_format=pb.ToolFormatMarkers(**tool_format(model.tool_parser, model.reasoning_parser)),
         media_marker=engine.media_placeholder(),
     )
+
+
+def _eager_without_compiler(plan: LoadPlan) -> None:
+    """Without a C++ compiler, torch.compile (vLLM's default graph mode) fails
+    at engine start; the gateway host often has none. Eager mode needs none
+    (the packaged worker is tested that way on a host without g++), so it is
+    chosen instead, with a warning, unless the user set enforce_eager."""
+    if "enforce_eager" in plan.engine_kwargs:
+        return
+    if os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++"):
+        return
+    plan.engine_kwargs["enforce_eager"] = True
+    plan.warnings.append("no C++ compiler found (torch.compile needs one): using eager mode")
+    log.warning("LoadModel: no C++ compiler found (torch.compile needs one): using eager mode")
 
 
 def _read_template(value: str | None) -> str | None:

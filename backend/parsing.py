@@ -268,7 +268,7 @@ class OutputState:
             at = text.find(marker, pos)
             if at < 0:  # marker not in the text (skipped special token): no split
                 return [(text, ids)] if not parts else [*parts, (text[pos:], ids[start:])]
-            if i > start:
+            if i > start or at > pos:
                 parts.append((text[pos:at], ids[start:i]))
             parts.append((marker, [token]))
             pos, start = at + len(marker), i + 1

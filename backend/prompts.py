@@ -61,7 +61,7 @@ class ChatInput:
 def _json(text: str, what: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, huge ints, deep nesting
         raise InvalidArgument(f"{what} is not valid JSON: {e}") from None
 
 
@@ -91,7 +91,7 @@ def parse_tool_calls(raw: str, where: str) -> list[dict[str, Any]]:
             else:
                 try:
                     json.loads(args)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     raise InvalidArgument(
                         f"{where}.tool_calls[{i}].function.arguments is not valid JSON"
                     ) from None

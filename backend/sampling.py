@@ -152,7 +152,7 @@ def sampling_kwargs(req: SamplingRequest) -> dict[str, Any]:
 def parse_logit_bias(raw: str) -> dict[int, float]:
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, huge ints, deep nesting
         raise InvalidArgument(f"LogitBias is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise InvalidArgument("LogitBias must be a JSON object {token id: bias}")
@@ -185,7 +185,7 @@ def structured_output(grammar: str) -> dict[str, Any]:
     if text.startswith(("{", "[")):
         try:
             schema = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, huge ints, deep nesting
             raise InvalidArgument(
                 f"Grammar looks like a JSON schema but is not valid JSON: {e}"
             ) from None

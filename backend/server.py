@@ -88,7 +88,12 @@ async def _watch_parent(parent: int, interval: float, stop: asyncio.Event) -> No
             stop.set()
 
 
-async def serve(config: ServerConfig) -> None:
+EXIT_ENGINE_DEATH = 3
+
+
+async def serve(config: ServerConfig) -> int:
+    """Serve until SIGTERM/SIGINT, parent death or (if configured) engine
+    death; returns the process exit code (3 after engine death, else 0)."""
     interceptors = [AuthInterceptor(config.auth_token)] if config.auth_token else []
     server = grpc.aio.server(interceptors=interceptors, options=_server_options(config))
     servicer = BackendServicer(config)
@@ -110,8 +115,12 @@ async def serve(config: ServerConfig) -> None:
         config.max_concurrent_requests or "unlimited",
     )
 
+    exit_code = 0
+
     def on_engine_death() -> None:
+        nonlocal exit_code
         if config.exit_on_engine_death:
+            exit_code = EXIT_ENGINE_DEATH
             log.error("exit_on_engine_death is set: exiting so the gateway restarts the worker")
             stop.set()
 
@@ -132,3 +141,4 @@ async def serve(config: ServerConfig) -> None:
         await server.stop(config.grace_seconds)
         await servicer.close()
         log.info("stopped")
+    return exit_code

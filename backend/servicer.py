@@ -81,8 +81,13 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         code, message = to_status(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("%s failed", rpc)
-        else:
+        elif self.config.debug_requests:
             log.info("%s: %s: %s", rpc, code.name, message)
+        else:
+            # The message may quote the request (a role, a tool name, a
+            # grammar): request content stays out of the INFO log.
+            log.info("%s: %s", rpc, code.name)
+            log.debug("%s: %s: %s", rpc, code.name, message)
         await context.abort(code, message)
 
     async def watch_engine(self, interval: float, on_death: Callable[[], None]) -> None:
@@ -155,8 +160,9 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         async with self._load_lock:
             self._loading = True
             try:
+                plan, template = await LoadedModel.validate(request)
                 await self._release()
-                self.model = await LoadedModel.load(request, self.config)
+                self.model = await LoadedModel.load(request, plan, template)
                 self.load_error = None
                 return pb.Result(success=True, message=self.model.summary())
             except Exception as exc:  # LoadModel reports failure, it never raises

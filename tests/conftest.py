@@ -39,7 +39,7 @@ class Worker:
         self.addr = f"127.0.0.1:{free_port()}"
         self.log_path = (
             Path(os.environ.get("PYTEST_WORKER_LOG_DIR", "/tmp"))
-            / f"worker-{self.addr.replace(':', '_')}.log"
+            / f"worker-{self.addr.replace(':', '_')}-{os.getpid()}-{time.monotonic_ns()}.log"
         )
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the worker
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
@@ -55,7 +55,7 @@ class Worker:
         self.stub = backend_pb2_grpc.BackendStub(self.channel)
         self.wait_healthy()
 
-    def wait_healthy(self, timeout: float = 60.0) -> None:
+    def wait_healthy(self, timeout: float = 240.0) -> None:
         import grpc
 
         from backend.gen import backend_pb2 as pb

@@ -68,3 +68,30 @@ def test_engine_args_json_objects_are_coerced_like_cli_flags(parser):
     assert kw["structured_outputs_config"].enable_in_reasoning is True
     assert kw["max_num_seqs"] == 4 and kw["enable_prefix_caching"] is False
     assert kw["max_model_len"] is None
+
+
+def test_distributed_settings_pass_straight_to_vllm(parser):
+    opts = FakeModelOptions(
+        TensorParallelSize=4,
+        Options=["--pipeline-parallel-size:2", "--distributed-executor-backend:ray", "-dp=2"],
+    )
+    kw = build_load_plan(opts, parser).engine_kwargs
+    assert kw["tensor_parallel_size"] == 4
+    assert kw["pipeline_parallel_size"] == 2
+    assert kw["distributed_executor_backend"] == "ray"
+    assert kw["data_parallel_size"] == 2
+
+
+def test_eager_mode_is_chosen_when_no_compiler_exists(monkeypatch):
+    from backend import model
+
+    plan = build_load_plan(FakeModelOptions(), engine.flag_parser())
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(model.shutil, "which", lambda name: None)
+    model._eager_without_compiler(plan)
+    assert plan.engine_kwargs["enforce_eager"] is True
+    explicit = build_load_plan(
+        FakeModelOptions(Options=["--enforce-eager:false"]), engine.flag_parser()
+    )
+    model._eager_without_compiler(explicit)
+    assert explicit.engine_kwargs["enforce_eager"] is False
