@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import multiprocessing
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -163,6 +164,64 @@ def _reap_children(timeout: float = 10.0) -> None:
         child.join(max(0.0, deadline - time.monotonic()))
 
 
+_SHM_DIR = "/dev/shm"
+
+
+def _shm_segments() -> set[str]:
+    """Python/vLLM shared-memory segments (`psm_*`) present now."""
+    try:
+        return {n for n in os.listdir(_SHM_DIR) if n.startswith("psm_")}
+    except OSError:
+        return set()
+
+
+def _mapped_segments() -> set[str]:
+    """Segments some live process still maps (never removed)."""
+    mapped: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    at = line.find(_SHM_DIR + "/psm_")
+                    if at >= 0:
+                        mapped.add(line[at + len(_SHM_DIR) + 1 :].split()[0])
+        except OSError:
+            continue
+    return mapped
+
+
+def _remove_leftover_segments(before: set[str]) -> None:
+    """Unlink the segments our engine created and left behind.
+
+    vLLM force-kills an engine core that does not stop within its timeout;
+    the core's shared-memory ring buffer then stays in /dev/shm until the
+    worker exits. Only segments that appeared while this engine ran and that
+    no process maps any more are removed (and dropped from Python's resource
+    tracker, which would otherwise warn about them at exit).
+    """
+    from multiprocessing import resource_tracker
+
+    leftovers = _shm_segments() - before
+    if not leftovers:
+        return
+    leftovers -= _mapped_segments()
+    for name in sorted(leftovers):
+        try:
+            os.unlink(os.path.join(_SHM_DIR, name))
+        except OSError:
+            continue
+        try:
+            resource_tracker.unregister("/" + name, "shared_memory")
+        except Exception:  # the tracker may not know it; nothing to undo
+            log.debug("resource tracker did not know %s", name)
+    if leftovers:
+        log.info(
+            "removed %d shared-memory segment(s) the stopped engine left behind", len(leftovers)
+        )
+
+
 class Engine:
     """A started `AsyncLLM` and what we read from it once."""
 
@@ -175,6 +234,7 @@ class Engine:
         self.tokenizer: Any = llm.get_tokenizer()
         self.renderer = llm.renderer
         self.vocab_size: int = len(self.tokenizer)
+        self._shm_before: set[str] = set()
 
     @classmethod
     async def start(cls, plan: LoadPlan) -> Engine:
@@ -190,6 +250,7 @@ class Engine:
         except TypeError as e:
             raise InvalidArgument(f"bad engine arguments: {e}") from None
         started = time.monotonic()
+        shm_before = _shm_segments()
         starting = asyncio.get_running_loop().run_in_executor(None, AsyncLLM.from_engine_args, args)
         try:
             llm = await asyncio.shield(starting)
@@ -212,6 +273,7 @@ class Engine:
             # only noticed when that request arrives.
             llm.engine_core._ensure_output_queue_task()  # type: ignore[attr-defined]
             engine = cls(llm, plan, time.monotonic() - started)
+            engine._shm_before = shm_before
         except BaseException:
             llm.shutdown()
             raise
@@ -407,4 +469,5 @@ class Engine:
             log.warning("engine shutdown reported an error", exc_info=True)
         del llm
         await asyncio.to_thread(_reap_children)
+        await asyncio.to_thread(_remove_leftover_segments, self._shm_before)
         gc.collect()
