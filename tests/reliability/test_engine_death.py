@@ -1,0 +1,199 @@
+"""The vLLM engine core dies (OOM killer, segfault): the worker must say so and recover.
+
+The engine core is a child process (`VLLM::EngineCore`, with its
+`VLLM::Worker` below it); SIGKILL on it is what the kernel's OOM killer does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from backend.gen import backend_pb2 as pb
+from tests.conftest import Worker
+from tests.reliability.helpers import (
+    describe,
+    engine_core,
+    engine_processes,
+    greedy,
+    load,
+    log_text,
+    rpc_code,
+    state,
+    state_name,
+    stop_worker,
+    survivors,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
+
+# How long in-flight requests may take to learn of the death. vLLM notices
+# at once (its output socket closes); 5 s leaves room for a loaded machine.
+PROMPT_FAILURE_SECONDS = 5.0
+
+
+@dataclass
+class InFlight:
+    """One request running while the engine is killed."""
+
+    name: str
+    chunks: int = 0
+    code: grpc.StatusCode | None = None
+    details: str = ""
+    ended_at: float = 0.0
+    started: threading.Event = field(default_factory=threading.Event)
+
+
+def _consume_stream(stub, flight: InFlight) -> None:
+    try:
+        for _ in stub.PredictStream(greedy(Tokens=2000), timeout=300):
+            flight.chunks += 1
+            flight.started.set()
+    except grpc.RpcError as e:
+        flight.code, flight.details = e.code(), e.details() or ""
+    finally:
+        flight.ended_at = time.monotonic()
+        flight.started.set()
+
+
+def _unary(stub, flight: InFlight) -> None:
+    flight.started.set()
+    try:
+        stub.Predict(greedy(Tokens=2000), timeout=300)
+    except grpc.RpcError as e:
+        flight.code, flight.details = e.code(), e.details() or ""
+    finally:
+        flight.ended_at = time.monotonic()
+
+
+@dataclass
+class Death:
+    worker: Worker
+    flights: list[InFlight]
+    killed_at: float
+    engine_pids: list[int]
+    engine_procs: list
+
+
+@pytest.fixture(scope="module")
+def death(tiny_model_dir):
+    """A loaded worker whose engine core was SIGKILLed with requests in flight."""
+    worker = Worker()
+    try:
+        load(worker, tiny_model_dir)
+        assert worker.stub.Predict(greedy(Tokens=2), timeout=120).tokens == 2
+        flights = [InFlight("stream-1"), InFlight("stream-2"), InFlight("unary")]
+        threads = [
+            threading.Thread(target=_consume_stream, args=(worker.stub, flights[0])),
+            threading.Thread(target=_consume_stream, args=(worker.stub, flights[1])),
+            threading.Thread(target=_unary, args=(worker.stub, flights[2])),
+        ]
+        for t in threads:
+            t.start()
+        for f in flights:
+            assert f.started.wait(120), f"{f.name} never started"
+        assert wait_for(lambda: all(f.chunks >= 3 for f in flights[:2]), 120) is not None
+        procs = engine_processes(worker.proc.pid)
+        core = engine_core(worker.proc.pid)
+        killed_at = time.monotonic()
+        os.kill(core.pid, signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        yield Death(worker, flights, killed_at, [p.pid for p in procs], procs)
+    finally:
+        stop_worker(worker)
+
+
+def test_in_flight_requests_fail_promptly_with_unavailable(death):
+    report = []
+    for f in death.flights:
+        took = f.ended_at - death.killed_at
+        report.append(f"{f.name}: {f.code} after {took:.2f}s ({f.details!r})")
+    print("\nengine death, in-flight requests:", *report, sep="\n  ")
+    for f in death.flights:
+        assert f.code == grpc.StatusCode.UNAVAILABLE, report
+        assert f.ended_at - death.killed_at < PROMPT_FAILURE_SECONDS, report
+        assert "engine" in f.details.lower(), report
+
+
+def test_no_engine_process_outlives_the_engine_core(death):
+    # The VLLM::Worker under the killed core is orphaned (re-parented away
+    # from our worker), so it is followed by pid, not as a descendant.
+    left = survivors(death.engine_procs, timeout=30)
+    assert not left, f"engine processes still running after the core died: {describe(left)}"
+
+
+def test_health_answers_unavailable(death):
+    code, details, _ = rpc_code(lambda: death.worker.stub.Health(pb.HealthMessage(), timeout=10))
+    assert code == grpc.StatusCode.UNAVAILABLE, details
+
+
+def test_status_is_error(death):
+    got = state(death.worker)
+    assert got == pb.StatusResponse.ERROR, state_name(got)
+
+
+@pytest.mark.parametrize("rpc", ["Predict", "PredictStream", "TokenizeString"])
+def test_new_requests_fail_fast_with_unavailable(death, rpc):
+    stub = death.worker.stub
+    calls = {
+        "Predict": lambda: stub.Predict(greedy(), timeout=30),
+        "PredictStream": lambda: list(stub.PredictStream(greedy(), timeout=30)),
+        "TokenizeString": lambda: stub.TokenizeString(pb.PredictOptions(Prompt="x"), timeout=30),
+    }
+    code, details, took = rpc_code(calls[rpc])
+    assert code == grpc.StatusCode.UNAVAILABLE, details
+    assert "LoadModel" in details, "the message says how to recover"
+    assert took < 2.0, f"{rpc} took {took:.2f}s to fail"
+
+
+def test_the_death_is_logged(death):
+    assert "engine died" in log_text(death.worker)
+
+
+def test_load_model_recovers_and_serves(death, tiny_model_dir):
+    """Runs last in this module: it replaces the dead engine."""
+    started = time.monotonic()
+    load(death.worker, tiny_model_dir)
+    print(f"\nreload after engine death: {time.monotonic() - started:.1f}s")
+    stub = death.worker.stub
+    assert stub.Health(pb.HealthMessage(), timeout=10).message == b"OK"
+    assert state(death.worker) == pb.StatusResponse.READY
+    assert stub.Predict(greedy(Tokens=5), timeout=120).tokens == 5
+    chunks = list(stub.PredictStream(greedy(Tokens=5), timeout=120))
+    assert chunks[-1].tokens == 5
+    assert not (set(death.engine_pids) & {p.pid for p in engine_processes(death.worker.proc.pid)})
+
+
+# ---- --exit-on-engine-death ------------------------------------------------------------
+
+
+def test_exit_on_engine_death_exits_the_idle_worker_and_leaves_no_engine(tiny_model_dir):
+    """With no request in flight only the server's 1 s engine watcher can notice."""
+    worker = Worker(args=["--exit-on-engine-death"])
+    try:
+        load(worker, tiny_model_dir)
+        procs = engine_processes(worker.proc.pid)
+        assert procs
+        core = engine_core(worker.proc.pid)
+        killed_at = time.monotonic()
+        os.kill(core.pid, signal.SIGKILL)
+        try:
+            code = worker.proc.wait(timeout=30)
+        except Exception:
+            pytest.fail(f"the worker did not exit within 30 s:\n{worker.log_tail()}")
+        took = time.monotonic() - killed_at
+        left = survivors(procs, timeout=10)
+        print(f"\nexit-on-engine-death: worker exited with {code} after {took:.1f}s")
+        assert took < 15.0, f"exit took {took:.1f}s"
+        assert not left, f"engine processes left behind: {describe(left)}"
+        assert "exit_on_engine_death" in worker.log_tail(200)
+    finally:
+        stop_worker(worker)
