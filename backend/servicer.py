@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import itertools
 import logging
 import time
@@ -164,6 +165,12 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
                 await self._release()
                 self.model = await LoadedModel.load(request, plan, template)
                 self.load_error = None
+                # As vLLM's own server does after start-up: move the ~600k
+                # objects importing vLLM and loading the model created out of
+                # the collector's reach, so a full collection no longer stops
+                # every stream for 0.1-0.4 s. Undone on release.
+                gc.collect()
+                gc.freeze()
                 return pb.Result(success=True, message=self.model.summary())
             except Exception as exc:  # LoadModel reports failure, it never raises
                 code, message = to_status(exc)
@@ -191,6 +198,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     async def _release(self) -> None:
         model, self.model = self.model, None
         if model is not None:
+            gc.unfreeze()  # the model's objects must be collectable again
             await model.close()
 
     async def Status(
