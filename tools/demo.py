@@ -23,21 +23,9 @@ import grpc
 
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
-from tools.forcing import gbnf_literal, tag_bias
+from tools.forcing import WEATHER_TOOL, gbnf_literal, tag_bias
 
 ROOT = Path(__file__).resolve().parents[1]
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather for a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 FORCED = (
     "<think>\nThe user wants the weather in Paris; I have a tool for that.\n</think>\n\n"
     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -118,7 +106,7 @@ def _drive(addr: str, model: str, worker: subprocess.Popen, log_path: Path) -> i
     request = pb.PredictOptions(
         UseTokenizerTemplate=True,
         Messages=[pb.Message(role="user", content=question)],
-        Tools=json.dumps([WEATHER]),
+        Tools=json.dumps([WEATHER_TOOL]),
         Tokens=200,
         Temperature=0.0,
     )

@@ -12,6 +12,20 @@ import json
 
 TAGS = ("<tool_call>", "</tool_call>", "<think>", "</think>")
 
+# The tool the demo, the tests and the e2e harness offer the model.
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
 
 def gbnf_literal(text: str) -> str:
     """A GBNF grammar that admits exactly `text`."""

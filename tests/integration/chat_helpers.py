@@ -6,22 +6,10 @@ import json
 from dataclasses import dataclass, field
 
 from backend.gen import backend_pb2 as pb
-from tools.forcing import TAGS, gbnf_literal, tag_bias
+from tools.forcing import TAGS, WEATHER_TOOL, gbnf_literal, tag_bias
 
-__all__ = ["TAGS", "gbnf_literal", "tag_bias"]
+__all__ = ["TAGS", "WEATHER_TOOL", "gbnf_literal", "tag_bias"]
 
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather for a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 TIME_TOOL = {
     "type": "function",
     "function": {
