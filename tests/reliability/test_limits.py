@@ -89,7 +89,9 @@ def test_requests_over_the_cap_are_refused_quickly_and_accepted_after(capped):
             timings[name] = took
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (name, code, details)
             assert "max_concurrent_requests=4" in details, details
-            assert took < 1.0, f"{name} took {took:.2f}s to be refused"
+            # A queued request would wait for a slot, i.e. for 2000-token
+            # streams; a refusal is one round trip (slack for a busy CPU).
+            assert took < 3.0, f"{name} took {took:.2f}s to be refused"
         # Tokenizer and lifecycle RPCs are not generation and stay available.
         assert capped.stub.TokenizeString(pb.PredictOptions(Prompt="hi"), timeout=5).tokens
         assert capped.stub.Health(pb.HealthMessage(), timeout=5).message == b"OK"
