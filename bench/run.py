@@ -86,19 +86,34 @@ def cpu_seconds(pid: int, tree: bool) -> float:
     return total
 
 
+# Each measured server and its client share one session by default (so one
+# scheduler autogroup, like A's driver and its engine, and like a gateway that
+# spawns the worker without setsid). `--separate-sessions` gives each process its
+# own session: with kernel.sched_autogroup_enabled=1 the client then competes as
+# a separate group with the engine's busy-polling (sched_yield only yields within
+# a group), which delays the client's reads by whole time slices under load.
+SEPARATE_SESSIONS = False
+
+
 def _stop_process(proc: subprocess.Popen[bytes], name: str, grace: float = 40.0) -> None:
-    """SIGTERM our child (it stops its engine), then SIGKILL its own process group."""
+    """SIGTERM our child (it stops its engine), then SIGKILL what is left of its tree, by pid."""
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
-            print(f"  {name}: no exit after SIGTERM, killing its process group", file=sys.stderr)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # its session: leftover engine processes
+            print(f"  {name}: no exit after SIGTERM, killing it", file=sys.stderr)
+            proc.kill()
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(10)
+    for child in tree:  # engine processes it did not stop (psutil checks pid reuse)
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            child.kill()
 
 
 class Child:
@@ -114,7 +129,7 @@ class Child:
             stdout=log,
             stderr=subprocess.STDOUT,
             pass_fds=[child.fileno()],
-            start_new_session=True,
+            start_new_session=SEPARATE_SESSIONS,
         )
         child.close()
         self.chan = Channel(parent)
@@ -251,7 +266,7 @@ class WorkerTarget(Target):
             stdout=log,
             stderr=subprocess.STDOUT,
             pass_fds=pass_fds,
-            start_new_session=True,
+            start_new_session=SEPARATE_SESSIONS,
         )
         if gc_probe:
             child.close()
@@ -330,7 +345,7 @@ class OpenAITarget(Target):
         started = time.perf_counter()
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=quiet_child_env(), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=SEPARATE_SESSIONS,
         )  # fmt: skip
         self._wait_healthy()
         # Process start to healthy (imports included): not comparable with A's number.
@@ -400,6 +415,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--gc-probe",
         action="store_true",
         help="time garbage-collector pauses in A's driver and the workers (bench/gcprobe.py)",
+    )
+    p.add_argument(
+        "--separate-sessions",
+        action="store_true",
+        help="start every server and client in its own session (scheduler autogroup); "
+        "default: all in the bench's session",
     )
     p.add_argument("--model", default=None, help="model directory (default: the tiny model)")
     p.add_argument("--out", default=str(RESULTS_DIR), help="directory for <timestamp>.json")
@@ -498,8 +519,18 @@ def _profile(
     return parsed
 
 
+def _autogroup() -> str:
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
 def main(argv: list[str] | None = None) -> int:
+    global SEPARATE_SESSIONS
     args = parse_args(argv)
+    SEPARATE_SESSIONS = args.separate_sessions
     all_w = {w.name: w for w in workloads(args.quick)}
     chosen = [n.strip() for n in args.workloads.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in all_w]
@@ -655,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
             "cpus": os.cpu_count(),
+            "separate_sessions": args.separate_sessions,
+            "sched_autogroup_enabled": _autogroup(),
             "python": platform.python_version(),
             "git": _git_commit(),
             "duration_s": time.perf_counter() - t_start,
