@@ -620,6 +620,8 @@ def test_text_before_a_marker_is_not_dropped(text, ids):
 # integer literal over 4300 digits; both must come out as our typed error.
 DEEP = "[" * 100_000
 HUGE_INT = "1" * 5000
+
+
 def _json_entry_point(field: str, raw: str):
     if field == "Tools":
         return parse_tools, (raw,)
