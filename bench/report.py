@@ -103,6 +103,9 @@ def run_metrics(raw: dict[str, Any]) -> dict[str, Any]:
         "loadavg_1m": raw.get("loadavg_1m"),
     }
     m.update({f"drift_{k}": v for k, v in drift(ok).items()})
+    threads = raw.get("main_threads_cpu_s")
+    if threads and tokens:
+        m["main_threads_us_per_tok"] = {k: v / tokens * 1e6 for k, v in threads.items()}
     gc = raw.get("gc")
     if gc:
         m["gc_collections"] = gc["collections"]
@@ -148,7 +151,16 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
     for per_target in out.values():
         for target, entry in per_target.items():
             ms = entry.pop("_runs")
-            summary = {k: _median(m.get(k) for m in ms) for k in SUMMARY_KEYS}
+            summary: dict[str, Any] = {k: _median(m.get(k) for m in ms) for k in SUMMARY_KEYS}
+            names = {n for m in ms for n in m.get("main_threads_us_per_tok", {})}
+            if names:
+                per_thread = {
+                    n: _median(m.get("main_threads_us_per_tok", {}).get(n, 0.0) for m in ms)
+                    for n in names
+                }
+                summary["main_threads_us_per_tok"] = dict(
+                    sorted(per_thread.items(), key=lambda kv: -(kv[1] or 0.0))
+                )
             summary["repeats"] = len(ms)
             summary["errors"] = sum(m["errors"] for m in ms)
             per_target[target] = summary
@@ -307,6 +319,12 @@ def table(summary: dict[str, Any], comps: dict[str, Any], goal_rows: list[dict[s
                 f"{_f(c.get('tok_s_ratio'), '{:.3f}'):>6} "
                 f"{_f(c.get('ttft_p50_overhead_ms'), '{:+.1f}'):>6}{err}"
             )
+            if w == "c1" and s.get("main_threads_us_per_tok"):
+                top = list(s["main_threads_us_per_tok"].items())[:5]
+                lines.append(
+                    f"{'':8} {'':22} front-end CPU µs/token by thread: "
+                    + ", ".join(f"{n} {v:.0f}" for n, v in top)
+                )
             if s.get("server_ttft_p50_ms") is not None:
                 lines.append(
                     f"{'':8} {'':22} worker-internal TTFT p50 {s['server_ttft_p50_ms']:.1f} ms "

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -65,6 +66,35 @@ def _task_cpu(pid: int) -> float | None:
         except (OSError, ValueError, IndexError):
             continue
     return total / 1e9
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """On-CPU seconds per thread of `pid`, keyed "comm:tid" (/proc/PID/task/*/schedstat)."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = "MainThread" if tid == str(pid) else f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                out[f"{comm}:{tid}"] = int(f.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def thread_cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Per thread name (tids folded), seconds used between two `thread_cpu` snapshots."""
+    out: dict[str, float] = {}
+    for key, value in after.items():
+        used = value - before.get(key, 0.0)
+        if used > 0:
+            name = key.rsplit(":", 1)[0]
+            out[name] = round(out.get(name, 0.0) + used, 6)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def cpu_seconds(pid: int, tree: bool) -> float:
@@ -186,16 +216,19 @@ class Target:
         assert self.client is not None
         gc0 = self.gc_snapshot()
         pid = self.serving_pid
+        threads0 = thread_cpu(pid)
         tree0, main0 = cpu_seconds(pid, True), cpu_seconds(pid, False)
         client0 = None if self.client_is_server else cpu_seconds(self.client.pid, False)
         load1 = os.getloadavg()[0]
         self.client.call({"op": "run", "workload": w.to_json()}, timeout=1800)
         tree1, main1 = cpu_seconds(pid, True), cpu_seconds(pid, False)
+        threads1 = thread_cpu(pid)
         client1 = None if self.client_is_server else cpu_seconds(self.client.pid, False)
         gc1 = self.gc_snapshot()
         raw = self.client.call({"op": "results"})
         if gc0 is not None and gc1 is not None:
             raw["gc"] = gcprobe.delta(gc0, gc1)
+        raw["main_threads_cpu_s"] = thread_cpu_delta(threads0, threads1)
         raw["tree_cpu_s"] = tree1 - tree0
         raw["main_cpu_s"] = main1 - main0
         raw["client_cpu_s"] = None if client0 is None or client1 is None else client1 - client0
@@ -454,6 +487,11 @@ def _git_commit() -> str:
         return ""
 
 
+def _quietly(fn: Any) -> None:
+    with contextlib.suppress(Exception):
+        fn()
+
+
 def _say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {msg}", flush=True)
 
@@ -641,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
                             "ttfts_ms": [r["ttft_ms"] for r in raw["requests"]],
                             "server_ttfts_ms": [r.get("server_ttft_ms") for r in raw["requests"]],
                             "gc": raw.get("gc"),
+                            "main_threads_cpu_s": raw.get("main_threads_cpu_s"),
                             "client_self_cpu_s": raw.get("self_cpu_s"),
                         }
                     )
@@ -662,11 +701,16 @@ def main(argv: list[str] | None = None) -> int:
                 worker, pw, args.profile, log_dir, args.profile_native, args.profile_engine
             )
     finally:
-        for key in ("C", "Bp", "B", "A"):
-            if key in targets:
-                _say(f"stopping {key}")
-                with contextlib.suppress(Exception):
-                    targets[key].stop()
+        # Nothing is measured any more: stop all targets at once.
+        _say(f"stopping {', '.join(targets)}")
+        stoppers = [
+            threading.Thread(target=_quietly, args=(t.stop,), name=f"stop-{k}")
+            for k, t in targets.items()
+        ]
+        for th in stoppers:
+            th.start()
+        for th in stoppers:
+            th.join()
         for f in logs:
             f.close()
 
