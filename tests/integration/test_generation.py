@@ -158,17 +158,28 @@ def _seconds_for(worker, tokens: int) -> float:
 
 def test_cancelled_stream_aborts_its_engine_request(loaded):
     """After cancel, the engine's request table (what Status reads) empties
-    at once, long before the 2000-token generation could have finished."""
+    at once, long before the 2000-token generation could have finished.
+
+    The proof needs the whole attempt (stream start to READY) to be shorter
+    than half the generation's own duration; a client stalled by a busy CPU
+    can overshoot that, and such an attempt proves nothing, so it is retried."""
     _wait_state(loaded, pb.StatusResponse.READY)
-    full = _seconds_for(loaded, 2000)
-    call = loaded.stub.PredictStream(greedy(Tokens=2000), timeout=300)
-    started = time.monotonic()
-    for received, _ in enumerate(call, 1):
-        if received == 5:
-            break
-    call.cancel()
-    ready_after = _wait_state(loaded, pb.StatusResponse.READY, timeout=60)
-    assert time.monotonic() - started < max(2.0, full / 2), (ready_after, full)
+    attempts = []
+    for _ in range(3):
+        full = _seconds_for(loaded, 2000)
+        call = loaded.stub.PredictStream(greedy(Tokens=2000), timeout=300)
+        started = time.monotonic()
+        for received, _ in enumerate(call, 1):
+            if received == 5:
+                break
+        call.cancel()
+        ready_after = _wait_state(loaded, pb.StatusResponse.READY, timeout=60)
+        took = time.monotonic() - started
+        attempts.append((round(took, 3), round(ready_after, 3), round(full, 3)))
+        if took < full / 2:
+            assert ready_after < 2.0, attempts
+            return
+    pytest.fail(f"no conclusive attempt (took, ready_after, full): {attempts}")
 
 
 def test_deadline_on_unary_predict_aborts_the_request(loaded):

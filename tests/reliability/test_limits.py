@@ -78,31 +78,53 @@ def _over_cap_calls(stub):
     }
 
 
+def _generated(stub) -> int:
+    return stub.GetMetrics(pb.MetricsRequest(), timeout=10).tokens_generated
+
+
+def _refusals_while_full(stub) -> dict[str, float] | None:
+    """Send each over-cap call while CAP long streams run; each must be
+    refused with RESOURCE_EXHAUSTED. Returns the refusal times, or None when
+    the check was inconclusive: a long stream ended on the server during it
+    (its tokens reach GetMetrics before its slot is released), so a slot was
+    legitimately free. A fast engine or a starved client can make that happen."""
+    before = _generated(stub)
+    timings: dict[str, float] = {}
+    for name, call in _over_cap_calls(stub).items():
+        code, details, took = rpc_code(call)
+        if code != grpc.StatusCode.RESOURCE_EXHAUSTED and _generated(stub) - before > 100:
+            return None
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (name, code, details)
+        assert "max_concurrent_requests=4" in details, details
+        # A queued request would wait for a slot, i.e. for 2000-token
+        # streams; a refusal is one round trip (slack for a busy CPU).
+        assert took < 3.0, f"{name} took {took:.2f}s to be refused"
+        timings[name] = took
+    return timings
+
+
 def test_requests_over_the_cap_are_refused_quickly_and_accepted_after(capped):
-    # ~2000 tokens (the context) take the tiny model several seconds with 4 in a batch.
-    streams = LongStreams(capped.stub, tokens=2000)
-    try:
-        assert streams.all_streaming(), f"streams never started: {streams.errors}"
-        timings = {}
-        for name, call in _over_cap_calls(capped.stub).items():
-            code, details, took = rpc_code(call)
-            timings[name] = took
-            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (name, code, details)
-            assert "max_concurrent_requests=4" in details, details
-            # A queued request would wait for a slot, i.e. for 2000-token
-            # streams; a refusal is one round trip (slack for a busy CPU).
-            assert took < 3.0, f"{name} took {took:.2f}s to be refused"
-        # Tokenizer and lifecycle RPCs are not generation and stay available.
-        assert capped.stub.TokenizeString(pb.PredictOptions(Prompt="hi"), timeout=5).tokens
-        assert capped.stub.Health(pb.HealthMessage(), timeout=5).message == b"OK"
-        assert state(capped) == pb.StatusResponse.BUSY
-        print(f"\nrefusals over the cap: { {k: round(v, 3) for k, v in timings.items()} }")
-        streams.join(300)
-    finally:
-        for call in streams.calls:
-            call.cancel()
-    assert streams.errors == [None] * CAP, "the admitted streams were not disturbed"
-    assert all(f is not None and f.tokens == 2000 for f in streams.finals)
+    # ~2000 tokens (the context) take the tiny model seconds with 4 in a batch.
+    timings = None
+    for _attempt in range(3):
+        streams = LongStreams(capped.stub, tokens=2000)
+        try:
+            assert streams.all_streaming(), f"streams never started: {streams.errors}"
+            timings = _refusals_while_full(capped.stub)
+            if timings is not None:
+                # Tokenizer and lifecycle RPCs are not generation and stay available.
+                assert capped.stub.TokenizeString(pb.PredictOptions(Prompt="hi"), timeout=5).tokens
+                assert capped.stub.Health(pb.HealthMessage(), timeout=5).message == b"OK"
+            streams.join(300)
+        finally:
+            for call in streams.calls:
+                call.cancel()
+        assert streams.errors == [None] * CAP, "the admitted streams were not disturbed"
+        assert all(f is not None and f.tokens == 2000 for f in streams.finals)
+        if timings is not None:
+            break
+    assert timings is not None, "a long stream ended during every check: the engine is too fast"
+    print(f"\nrefusals over the cap: { {k: round(v, 3) for k, v in timings.items()} }")
     # Finished requests give their slots back: CAP new ones run side by side.
     results: list[int] = []
 
@@ -118,20 +140,24 @@ def test_requests_over_the_cap_are_refused_quickly_and_accepted_after(capped):
 
 
 def test_cancelled_and_refused_requests_give_their_slots_back(capped):
-    for _ in range(3):
+    conclusive = 0
+    for _ in range(6):
         streams = LongStreams(capped.stub, tokens=2000)
         assert streams.all_streaming()
-        for name, call in _over_cap_calls(capped.stub).items():
-            code, details, took = rpc_code(call)
-            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (
-                f"{name}: {code} {details!r} after {took:.3f}s; admitted streams: chunks "
-                f"{streams.chunks}, errors {streams.errors}, finals "
-                f"{[f.tokens if f else None for f in streams.finals]}"
-            )
+        if _refusals_while_full(capped.stub) is not None:
+            conclusive += 1
         for call in streams.calls:
             call.cancel()
         streams.join(60)
-        assert all(e == grpc.StatusCode.CANCELLED for e in streams.errors), streams.errors
+        # A stream that ended on the server before the cancel reached it ends
+        # normally on the client; every other one is CANCELLED.
+        assert all(
+            e == grpc.StatusCode.CANCELLED or (e is None and f is not None and f.tokens == 2000)
+            for e, f in zip(streams.errors, streams.finals, strict=True)
+        ), streams.errors
+        if conclusive == 3:
+            break
+    assert conclusive >= 3, f"only {conclusive} conclusive checks: long streams kept ending early"
     # Slots are released when the handler ends, which follows the cancel closely.
     assert wait_for(lambda: state(capped) == pb.StatusResponse.READY, 10) is not None
     results: list[int] = []
