@@ -31,7 +31,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     from backend.server import serve
 
-    code = asyncio.run(serve(config))
+    loop_factory = None
+    if config.event_loop == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        code = runner.run(serve(config))
     # Everything is stopped (engine processes included); skip the interpreter's
     # teardown, which spends seconds collecting torch/vLLM objects.
     logging.shutdown()

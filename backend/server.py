@@ -109,10 +109,11 @@ async def serve(config: ServerConfig) -> int:
 
     await server.start()
     log.info(
-        "listening on %s (auth %s, max concurrent requests %s)",
+        "listening on %s (auth %s, max concurrent requests %s, event loop %s)",
         config.addr,
         "on" if config.auth_token else "off",
         config.max_concurrent_requests or "unlimited",
+        type(loop).__module__.split(".")[0],
     )
 
     exit_code = 0

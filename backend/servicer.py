@@ -1,7 +1,7 @@
 """BackendServicer: one short method per RPC — convert, call the engine, convert back.
 
-Errors are raised, never turned into status codes here: `_unary` / `_streaming`
-hand every exception to `errors.to_status` and abort the RPC with it.
+Errors are raised, never turned into status codes here: `_unary` hands every
+exception to `errors.to_status`, which gives the status the RPC is aborted with.
 Cancellation (client gone, deadline) arrives as `asyncio.CancelledError` in
 the handler task; it is never caught, so it reaches vLLM's `generate`, which
 aborts the engine request.
@@ -16,7 +16,7 @@ import gc
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -45,22 +45,6 @@ def _unary(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except Exception as exc:  # every failure becomes a status, in one place
             await self._abort(context, exc, method.__name__)
             raise  # unreachable: context.abort raises
-
-    return wrapper
-
-
-def _streaming(
-    method: Callable[..., AsyncIterator[T]],
-) -> Callable[..., AsyncIterator[T]]:
-    @functools.wraps(method)
-    async def wrapper(
-        self: BackendServicer, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[T]:
-        try:
-            async for item in method(self, request, context):
-                yield item
-        except Exception as exc:
-            await self._abort(context, exc, method.__name__)
 
     return wrapper
 
@@ -239,19 +223,25 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             self.counters.add(result.prompt_tokens, result.tokens)
             return result
 
-    @_streaming
+    @_unary
     async def PredictStream(
         self, request: pb.PredictOptions, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.Reply]:
+    ) -> None:
+        # A coroutine handler writing with context.write, not an async
+        # generator: each streamed message then crosses one await instead of
+        # three generator layers (ours, the error wrapper, grpc's).
         model = self._require_model(request.ModelIdentity)
         with self._admitted():
             prep = await model.prepare(request, stream=True)
-            async for message in self._stream(model, prep, request):
-                yield message
+            await self._stream(model, prep, request, context.write)
 
     async def _stream(
-        self, model: LoadedModel, prep: Prepared, request: pb.PredictOptions
-    ) -> AsyncIterator[pb.Reply]:
+        self,
+        model: LoadedModel,
+        prep: Prepared,
+        request: pb.PredictOptions,
+        write: Callable[[pb.Reply], Awaitable[None]],
+    ) -> None:
         state = prep.state
         started = time.monotonic()
         first_at = 0.0
@@ -275,7 +265,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
                     # the final Reply together with usage.
                     tail = piece
                 elif piece:
-                    yield reply(piece, chat=chat, logprobs=state.chunk_logprobs())
+                    await write(reply(piece, chat=chat, logprobs=state.chunk_logprobs()))
         finally:
             self.counters.add(prompt_tokens, completion_tokens)
         done = time.monotonic()
@@ -285,7 +275,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             prompt_ms=((first_at or done) - started) * 1000.0,
             generation_ms=(done - (first_at or done)) * 1000.0,
         )
-        yield reply(tail, chat=chat, usage=usage, logprobs=state.all_logprobs())
+        await write(reply(tail, chat=chat, usage=usage, logprobs=state.all_logprobs()))
 
     # ---- tokenizer ----------------------------------------------------------
 

@@ -282,6 +282,19 @@ def child_fd_arg(argv: list[str]) -> int:
     return int(argv[i + 1])
 
 
+def run_async(main: Awaitable[Any]) -> Any:
+    """Run a bench process's main coroutine on the event loop every bench
+    process shares: `BENCH_LOOP` (uvloop by default, as vLLM's own server and
+    our worker use; `asyncio` for the stock loop), set by `python -m bench --loop`."""
+    factory = None
+    if os.environ.get("BENCH_LOOP", "uvloop") == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)  # type: ignore[arg-type]
+
+
 def quiet_child_env() -> dict[str, str]:
     """Environment for the benchmark's own children: importable repo, no bytecode churn."""
     env = dict(os.environ)

@@ -7,7 +7,6 @@ Ops: `load` (LoadModel, timed here), `run` (a workload), `quit`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import time
@@ -25,6 +24,7 @@ from bench.common import (
     Workload,
     child_fd_arg,
     prompt_text,
+    run_async,
     run_closed_loop,
     serve_commands,
 )
@@ -106,7 +106,7 @@ async def amain(fd: int, addr: str) -> None:
 
 def main() -> None:
     argv = sys.argv
-    asyncio.run(amain(child_fd_arg(argv), argv[argv.index("--addr") + 1]))
+    run_async(amain(child_fd_arg(argv), argv[argv.index("--addr") + 1]))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ IgnoreEOS, DELTA output kind.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import sys
 import time
@@ -21,6 +20,7 @@ from bench.common import (
     Workload,
     child_fd_arg,
     prompt_text,
+    run_async,
     run_closed_loop,
     serve_commands,
 )
@@ -105,7 +105,7 @@ async def amain(fd: int) -> None:
 
 
 def main() -> None:
-    asyncio.run(amain(child_fd_arg(sys.argv)))
+    run_async(amain(child_fd_arg(sys.argv)))
 
 
 if __name__ == "__main__":  # vLLM spawns processes that re-import __main__

@@ -7,7 +7,6 @@ max_tokens), SSE read with httpx in its own process.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import time
@@ -20,6 +19,7 @@ from bench.common import (
     Workload,
     child_fd_arg,
     prompt_text,
+    run_async,
     run_closed_loop,
     serve_commands,
 )
@@ -77,7 +77,7 @@ async def amain(fd: int, url: str, model: str) -> None:
 
 def main() -> None:
     argv = sys.argv
-    asyncio.run(
+    run_async(
         amain(child_fd_arg(argv), argv[argv.index("--url") + 1], argv[argv.index("--model") + 1])
     )
 

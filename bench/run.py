@@ -455,6 +455,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="start every server and client in its own session (scheduler autogroup); "
         "default: all in the bench's session",
     )
+    p.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop of every bench process and worker (default uvloop, as vLLM's "
+        "server and our worker use; asyncio compares the stock loop)",
+    )
     p.add_argument("--model", default=None, help="model directory (default: the tiny model)")
     p.add_argument("--out", default=str(RESULTS_DIR), help="directory for <timestamp>.json")
     p.add_argument(
@@ -569,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     global SEPARATE_SESSIONS
     args = parse_args(argv)
     SEPARATE_SESSIONS = args.separate_sessions
+    # Children inherit these: bench.common.run_async and the worker's --event-loop.
+    os.environ["BENCH_LOOP"] = args.loop
+    os.environ["BACKEND_EVENT_LOOP"] = args.loop
     all_w = {w.name: w for w in workloads(args.quick)}
     chosen = [n.strip() for n in args.workloads.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in all_w]
@@ -731,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_after": os.getloadavg(),
             "cpus": os.cpu_count(),
             "separate_sessions": args.separate_sessions,
+            "event_loop": args.loop,
             "sched_autogroup_enabled": _autogroup(),
             "python": platform.python_version(),
             "git": _git_commit(),

@@ -36,6 +36,11 @@ def _engine_children(worker: Worker) -> list[psutil.Process]:
     return out
 
 
+def test_worker_serves_on_uvloop_by_default(fresh):
+    # Cheaper per streamed message than the default asyncio loop (bench/README.md).
+    assert "event loop uvloop" in fresh.log_tail(200)
+
+
 def test_before_load_rpcs_fail_with_failed_precondition(fresh):
     assert fresh.stub.Status(pb.HealthMessage()).state == pb.StatusResponse.UNINITIALIZED
     for call, request in (
