@@ -62,7 +62,7 @@ def _denied(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
     )
 
 
-def _server_options(config: ServerConfig) -> list[tuple[str, Any]]:
+def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -95,7 +95,7 @@ async def serve(config: ServerConfig) -> int:
     """Serve until SIGTERM/SIGINT, parent death or (if configured) engine
     death; returns the process exit code (3 after engine death, else 0)."""
     interceptors = [AuthInterceptor(config.auth_token)] if config.auth_token else []
-    server = grpc.aio.server(interceptors=interceptors, options=_server_options(config))
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
     servicer = BackendServicer(config)
     backend_pb2_grpc.add_BackendServicer_to_server(servicer, server)
     bound = server.add_insecure_port(config.addr)

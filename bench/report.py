@@ -212,9 +212,15 @@ TTFT_LIMITS_MS = {"c1": 1.0, "c8": 3.0, "c32": 8.0}
 
 
 def goals(
-    comps: dict[str, Any], summary: dict[str, Any], loads: dict[str, Any]
+    comps: dict[str, Any],
+    summary: dict[str, Any],
+    loads: dict[str, Any],
+    floor: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """The goals from the brief, for B (and C) against A: value, limit, PASS/FAIL."""
+    """The goals from the brief, for B (and C) against A: value, limit, PASS/FAIL.
+
+    `floor` (bench/floor.py: grpc.aio alone, no engine) annotates the TTFT and
+    CPU rows with what the transport itself costs on this machine."""
     rows: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, limit: float, higher_is_better: bool, note: str = ""):
@@ -249,6 +255,7 @@ def goals(
                     c["ttft_p50_overhead_ms"],
                     TTFT_LIMITS_MS[w],
                     False,
+                    f"gRPC floor {floor['ttft_ms']:.2f} ms" if floor and t == "B" else "",
                 )
         long = summary.get("long", {})
         if t in long:
@@ -270,7 +277,12 @@ def goals(
                 c1["main_cpu_per_tok_ratio"],
                 1.2,
                 False,
-                "serving process main pid vs A's driver process",
+                "serving process main pid vs A's driver process"
+                + (
+                    f"; gRPC floor {floor['server_cpu_us_per_msg']:.0f} µs/message"
+                    if floor and t == "B"
+                    else ""
+                ),
             )
     chat = comps.get("chat8", {}).get("Bp/B")
     if chat:

@@ -462,6 +462,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="event loop of every bench process and worker (default uvloop, as vLLM's "
         "server and our worker use; asyncio compares the stock loop)",
     )
+    p.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the gRPC floor measurement at the end (bench/floor.py, ~20 s)",
+    )
     p.add_argument("--model", default=None, help="model directory (default: the tiny model)")
     p.add_argument("--out", default=str(RESULTS_DIR), help="directory for <timestamp>.json")
     p.add_argument(
@@ -570,6 +575,27 @@ def _autogroup() -> str:
             return f.read().strip()
     except OSError:
         return "?"
+
+
+def _floor(summary: dict[str, Any], log_dir: Path) -> dict[str, Any] | None:
+    """grpc.aio alone at A's c1 token cadence (after every engine has stopped)."""
+    cadence = (summary.get("c1", {}).get("A") or {}).get("itl_p50_ms") or 2.0
+    _say(f"gRPC floor: trivial server, messages {cadence:.2f} ms apart")
+    with open(log_dir / "floor.log", "wb") as log:
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.floor", "--cadence-ms", f"{cadence:.3f}"],
+            cwd=ROOT,
+            env=quiet_child_env(),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            timeout=300,
+            check=False,
+        )
+    try:
+        return dict(json.loads(done.stdout))
+    except ValueError:
+        _say(f"gRPC floor failed (exit {done.returncode}): see {log_dir / 'floor.log'}")
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -727,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = report.summarize(runs)
     comps = report.comparisons(runs)
     loads = {k: t.load_seconds for k, t in targets.items()}
-    goal_rows = report.goals(comps, summary, loads)
+    floor = None if args.no_floor else _floor(summary, log_dir)
+    goal_rows = report.goals(comps, summary, loads, floor)
     result = {
         "meta": {
             "timestamp": stamp,
@@ -757,6 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         "comparisons": comps,
         "goals": goal_rows,
         "profile": prof,
+        "floor": floor,
         "runs": runs,
     }
     out = out_dir / f"{stamp}.json"
@@ -780,6 +808,12 @@ def main(argv: list[str] | None = None) -> int:
         f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} "
         f"(per-run values in the JSON)"
     )
+    if floor:
+        print(
+            f"gRPC floor (bench/floor.py, no engine): first message {floor['ttft_ms']:.2f} ms "
+            f"p50, server CPU {floor['server_cpu_us_per_msg']:.0f} µs/message at "
+            f"{floor['cadence_ms']:.2f} ms cadence"
+        )
     if prof and "self" in prof:
         print()
         print(format_profile(prof))

@@ -1,0 +1,141 @@
+"""The transport floor: what grpc.aio itself costs here, with no engine behind it.
+
+`python -m bench.floor [--cadence-ms 2.1] [--messages 1500]` (the orchestrator
+runs it last, with the c1 inter-token gap A measured, and stores the result
+under `floor` in the JSON).
+
+A trivial server (the worker's own grpc.aio server options and event loop,
+`backend.server.server_options`) in one process, a grpc.aio client like target
+B's in another, same session. Two numbers:
+
+* `ttft_ms`: PredictStream sent → first message received, when the server
+  writes at once (p50 of 300). This is the part of B's TTFT overhead no
+  worker can remove: a TTFT-overhead goal below it cannot be met with a Python
+  client on this machine.
+* `server_cpu_us_per_msg`: CPU of the server process per streamed message when
+  messages leave at the engine's c1 cadence, minus the same loop sleeping at
+  that cadence without sending (so timer wake-ups are not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import grpc
+
+from backend.config import parse_config
+from backend.gen import backend_pb2 as pb
+from backend.gen import backend_pb2_grpc
+from backend.server import server_options
+from bench.common import run_async
+
+
+class _Streamer(backend_pb2_grpc.BackendServicer):
+    """PredictStream: `Tokens` messages `TopP` ms apart (0 = one message at once);
+    `TopK=1`: the same sleeps without sending (the timer baseline)."""
+
+    async def PredictStream(
+        self, request: pb.PredictOptions, context: grpc.aio.ServicerContext
+    ) -> None:
+        gap = request.TopP / 1000.0
+        silent = request.TopK == 1
+        for _ in range(max(1, request.Tokens)):
+            if gap:
+                await asyncio.sleep(gap)
+            if not silent:
+                await context.write(pb.Reply(message=b"tok"))
+        if silent:
+            await context.write(pb.Reply(message=b"end"))
+
+
+def _serve(port_queue: Any) -> None:
+    async def main() -> None:
+        server = grpc.aio.server(options=server_options(parse_config([], env={})))
+        backend_pb2_grpc.add_BackendServicer_to_server(_Streamer(), server)
+        port_queue.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    run_async(main())
+
+
+def _cpu_seconds(pid: int) -> float:
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            continue
+    return total / 1e9
+
+
+async def _measure(port: int, server_pid: int, cadence_ms: float, messages: int) -> dict[str, Any]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = backend_pb2_grpc.BackendStub(channel)
+    firsts: list[float] = []
+    for i in range(320):
+        sent = time.perf_counter()
+        first = None
+        async for _ in stub.PredictStream(pb.PredictOptions(Tokens=1)):
+            first = first or time.perf_counter() - sent
+        if i >= 20:  # warm-up
+            firsts.append((first or 0.0) * 1000.0)
+        await asyncio.sleep(0.005)
+
+    async def stream(silent: bool) -> float:
+        before = _cpu_seconds(server_pid)
+        request = pb.PredictOptions(Tokens=messages, TopP=cadence_ms, TopK=1 if silent else 0)
+        async for _ in stub.PredictStream(request):
+            pass
+        return _cpu_seconds(server_pid) - before
+
+    sending, sleeping = [], []
+    for _ in range(3):
+        sending.append(await stream(False))
+        sleeping.append(await stream(True))
+    await channel.close()
+    per_msg = (statistics.median(sending) - statistics.median(sleeping)) / messages * 1e6
+    return {
+        "ttft_ms": statistics.median(firsts),
+        "ttft_p95_ms": sorted(firsts)[int(len(firsts) * 0.95)],
+        "cadence_ms": cadence_ms,
+        "server_cpu_us_per_msg": per_msg,
+        "server_cpu_us_per_msg_raw": statistics.median(sending) / messages * 1e6,
+    }
+
+
+def measure(cadence_ms: float = 2.0, messages: int = 1500) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    server = ctx.Process(target=_serve, args=(ports,), daemon=True)
+    server.start()
+    try:
+        port = ports.get(timeout=60)
+        assert server.pid is not None
+        result: dict[str, Any] = run_async(_measure(port, server.pid, cadence_ms, messages))
+        return result
+    finally:
+        server.kill()
+        server.join(10)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
+    p.add_argument("--cadence-ms", type=float, default=2.0)
+    p.add_argument("--messages", type=int, default=1500)
+    args = p.parse_args()
+    json.dump(measure(args.cadence_ms, args.messages), sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()
