@@ -33,6 +33,11 @@ NO_PARSERS = ("tool_parser:none", "reasoning_parser:none")
 PARSERS = ("tool_parser:hermes", "reasoning_parser:qwen3")
 
 
+# Extra engine options (`KEY:VALUE`, as in ModelOptions.Options) given to every
+# target: `python -m bench --engine-option stream_interval:4`.
+EXTRA_OPTIONS: list[str] = []
+
+
 def model_options(model_dir: str, max_model_len: int, parsers: bool = False) -> dict[str, Any]:
     """ModelOptions fields (as a dict) for the worker's LoadModel and the A driver."""
     return {
@@ -44,6 +49,7 @@ def model_options(model_dir: str, max_model_len: int, parsers: bool = False) -> 
             f"--kv-cache-memory-bytes:{KV_CACHE_BYTES}",
             STRUCTURED_IN_REASONING,
             *(PARSERS if parsers else NO_PARSERS),
+            *EXTRA_OPTIONS,
         ],
     }
 

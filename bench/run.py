@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import psutil
 
-from bench import gcprobe, report
+from bench import common, gcprobe, report
 from bench.common import (
     ROOT,
     Channel,
@@ -375,6 +375,9 @@ class OpenAITarget(Target):
             "--structured-outputs-config", '{"enable_in_reasoning": true}',
             "--host", "127.0.0.1", "--port", str(port),
         ]  # fmt: skip
+        for option in common.EXTRA_OPTIONS:
+            key, _, value = option.partition(":")
+            cmd += [f"--{key.removeprefix('--').replace('_', '-')}", value]
         started = time.perf_counter()
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=quiet_child_env(), stdout=log, stderr=subprocess.STDOUT,
@@ -461,6 +464,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="uvloop",
         help="event loop of every bench process and worker (default uvloop, as vLLM's "
         "server and our worker use; asyncio compares the stock loop)",
+    )
+    p.add_argument(
+        "--engine-option",
+        action="append",
+        default=[],
+        metavar="KEY:VALUE",
+        help="extra engine option for every target, as in ModelOptions.Options "
+        "(e.g. stream_interval:4); repeatable",
     )
     p.add_argument(
         "--no-floor",
@@ -602,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     global SEPARATE_SESSIONS
     args = parse_args(argv)
     SEPARATE_SESSIONS = args.separate_sessions
+    common.EXTRA_OPTIONS[:] = args.engine_option
     # Children inherit these: bench.common.run_async and the worker's --event-loop.
     os.environ["BENCH_LOOP"] = args.loop
     os.environ["BACKEND_EVENT_LOOP"] = args.loop
@@ -769,6 +781,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "separate_sessions": args.separate_sessions,
             "event_loop": args.loop,
+            "engine_options": args.engine_option,
             "sched_autogroup_enabled": _autogroup(),
             "python": platform.python_version(),
             "git": _git_commit(),
