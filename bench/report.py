@@ -11,6 +11,7 @@ LABELS = {
     "A": "A in-process AsyncLLM",
     "B": "B worker (gRPC)",
     "Bp": "B worker +parsers",
+    "Bg": "B worker, Go client",
     "C": "C vLLM OpenAI server",
 }
 
@@ -190,7 +191,7 @@ def paired(
 def comparisons(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
     """{workload: {"B/A": {...}, "C/A": {...}, "Bp/B": {...}}} paired per repeat."""
     out: dict[str, dict[str, dict[str, float | None]]] = {}
-    pairs = [("B", "A"), ("C", "A"), ("Bp", "B")]
+    pairs = [("B", "A"), ("Bg", "A"), ("C", "A"), ("Bp", "B")]
     workloads = sorted({r["workload"] for r in runs}, key=[r["workload"] for r in runs].index)
     targets = {(r["workload"], r["target"]) for r in runs}
     for w in workloads:
@@ -241,7 +242,7 @@ def goals(
             }
         )
 
-    for t in ("B", "C"):
+    for t in ("B", "Bg", "C"):
         key = f"{t}/A"
         for w in ("c1", "c8", "c32"):
             c = comps.get(w, {}).get(key)
@@ -255,7 +256,9 @@ def goals(
                     c["ttft_p50_overhead_ms"],
                     TTFT_LIMITS_MS[w],
                     False,
-                    f"gRPC floor {floor['ttft_ms']:.2f} ms" if floor and t == "B" else "",
+                    f"gRPC floor {floor['ttft_ms']:.2f} ms (Python client)"
+                    if floor and t == "B"
+                    else "",
                 )
         long = summary.get("long", {})
         if t in long:
@@ -314,7 +317,7 @@ def table(summary: dict[str, Any], comps: dict[str, Any], goal_rows: list[dict[s
     )
     lines += [head, "-" * len(head)]
     for w, per_target in summary.items():
-        for t in ("A", "B", "Bp", "C"):
+        for t in ("A", "B", "Bg", "Bp", "C"):
             s = per_target.get(t)
             if s is None:
                 continue

@@ -149,11 +149,19 @@ def _stop_process(proc: subprocess.Popen[bytes], name: str, grace: float = 40.0)
 class Child:
     """A bench driver/client process (`python -m bench.X --fd N ...`) and its channel."""
 
-    def __init__(self, name: str, module: str, args: list[str], log: IO[bytes]) -> None:
+    def __init__(
+        self,
+        name: str,
+        module: str,
+        args: list[str],
+        log: IO[bytes],
+        program: list[str] | None = None,
+    ) -> None:
+        """`python -m module --fd N args`, or `program --fd N args` when given."""
         parent, child = socket.socketpair()
         self.name = name
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--fd", str(child.fileno()), *args],
+            [*(program or [sys.executable, "-m", module]), "--fd", str(child.fileno()), *args],
             cwd=ROOT,
             env=quiet_child_env(),
             stdout=log,
@@ -358,6 +366,51 @@ class WorkerTarget(Target):
         _stop_process(self.proc, f"worker {self.key}")
 
 
+GO_CLIENT = LOG_ROOT / "goclient"
+
+
+def build_go_client() -> Path | None:
+    """bench/goclient (grpc-go, GOPATH mode against Debian's golang-google-grpc-dev:
+    `apt-get install golang-go golang-google-grpc-dev`), or None without `go`."""
+    go = shutil.which("go")
+    if go is None:
+        return None
+    env = dict(os.environ, GO111MODULE="off", GOFLAGS="")
+    env.setdefault("GOPATH", "/usr/share/gocode")
+    env.setdefault("GOCACHE", str(LOG_ROOT.parent / "go-build"))
+    done = subprocess.run(
+        [go, "build", "-o", str(GO_CLIENT), "./bench/goclient"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        _say(f"Go client not built (target Bg skipped): {done.stderr.strip()[-500:]}")
+        return None
+    return GO_CLIENT
+
+
+class GoClientTarget(Target):
+    """Worker B again, driven by the Go client: the gateway's own language."""
+
+    key = "Bg"
+
+    def __init__(self, worker: WorkerTarget, program: Path, log: IO[bytes]) -> None:
+        super().__init__()
+        self.worker = worker
+        self.client = Child("Bg client", "", ["--addr", worker.addr], log, program=[str(program)])
+
+    @property
+    def serving_pid(self) -> int:
+        return self.worker.serving_pid
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.stop()
+
+
 class OpenAITarget(Target):
     key = "C"
 
@@ -472,6 +525,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY:VALUE",
         help="extra engine option for every target, as in ModelOptions.Options "
         "(e.g. stream_interval:4); repeatable",
+    )
+    p.add_argument(
+        "--no-go",
+        action="store_true",
+        help="skip target Bg (worker B driven by the Go client in bench/goclient)",
     )
     p.add_argument(
         "--no-floor",
@@ -686,26 +744,34 @@ def main(argv: list[str] | None = None) -> int:
             targets["Bp"].load(  # type: ignore[attr-defined]
                 model_options(model_dir, max_model_len, parsers=True)
             )
+        if need_raw and not args.no_go:
+            program = build_go_client()
+            if program is not None:
+                _say("Bg: the Go client on worker B")
+                targets["Bg"] = GoClientTarget(targets["B"], program, log("client-Bg"))  # type: ignore[arg-type]
+                targets["Bg"].client.call({"op": "ping"}, timeout=60)  # type: ignore[union-attr]
         if args.with_openai and need_raw:
             _say("C: starting vLLM's OpenAI server")
             targets["C"] = OpenAITarget(model_dir, max_model_len, log("openai-C"), log("client-C"))
             targets["C"].client.call({"op": "ping"}, timeout=600)  # type: ignore[union-attr]
         for key, t in targets.items():
-            _say(f"{key}: engine ready in {t.load_seconds:.2f}s; warming up")
+            if t.load_seconds is not None:
+                _say(f"{key}: engine ready in {t.load_seconds:.2f}s; warming up")
             _warm(t, ws)
         if args.idle_seconds > 0:
             time.sleep(args.settle)
-            before = {k: cpu_seconds(t.serving_pid, True) for k, t in targets.items()}
+            before = {k: cpu_seconds(t.serving_pid, True) for k, t in targets.items() if k != "Bg"}
             time.sleep(args.idle_seconds)
             idle = {
                 k: round(
                     100.0 * (cpu_seconds(t.serving_pid, True) - before[k]) / args.idle_seconds, 1
                 )
                 for k, t in targets.items()
+                if k != "Bg"
             }
             _say(f"idle CPU % of each serving tree (all idle): {idle}")
 
-        order = ["A", "B", "Bp", "C"]
+        order = ["A", "B", "Bg", "Bp", "C"]
         for rep in range(args.repeats):
             for w in ws:
                 for key in order:
