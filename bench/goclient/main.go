@@ -25,6 +25,7 @@ import (
 	"math"
 	"net"
 	"os"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
@@ -273,8 +274,15 @@ func main() {
 		fmt.Fprintln(os.Stderr, "control fd:", err)
 		os.Exit(2)
 	}
-	conn, err := grpc.Dial(*addr, grpc.WithInsecure(),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20)))
+	opts := []grpc.DialOption{grpc.WithInsecure(),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64 << 20))}
+	// BENCH_GO_WINDOW=BYTES fixes grpc-go's flow-control windows, which turns
+	// off its BDP estimation (a PING per burst of received data). The default
+	// (unset) is grpc-go's default dial, as the gateway uses.
+	if w, err := strconv.Atoi(os.Getenv("BENCH_GO_WINDOW")); err == nil && w > 0 {
+		opts = append(opts, grpc.WithInitialWindowSize(int32(w)), grpc.WithInitialConnWindowSize(int32(w)))
+	}
+	conn, err := grpc.Dial(*addr, opts...)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "dial:", err)
 		os.Exit(2)
