@@ -10,6 +10,47 @@ from tools.forcing import TAGS, WEATHER_TOOL, gbnf_literal, tag_bias
 
 __all__ = ["TAGS", "WEATHER_TOOL", "gbnf_literal", "tag_bias"]
 
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "%s"}}\n</tool_call>'
+# A conversation that already called get_weather once (assistant tool_calls as
+# the gateway sends them: a JSON string, arguments as a JSON string), then asks again.
+TOOL_HISTORY = [
+    {"role": "system", "content": "You call tools."},
+    {"role": "user", "content": "Weather in Rome?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "reasoning_content": "Call it.",
+        "tool_calls": json.dumps(
+            [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+                }
+            ]
+        ),
+    },
+    {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call_1"},
+    *USER,
+]
+
+# get_weather whose only valid call is {"city": "Paris"} (strict schema): what a
+# named tool_choice must produce.
+STRICT_WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
 TIME_TOOL = {
     "type": "function",
     "function": {

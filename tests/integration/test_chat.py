@@ -15,7 +15,11 @@ import pytest
 
 from backend.gen import backend_pb2 as pb
 from tests.integration.chat_helpers import (
+    CALL,
+    STRICT_WEATHER_TOOL,
     TIME_TOOL,
+    TOOL_HISTORY,
+    USER,
     WEATHER_TOOL,
     chat_request,
     collect,
@@ -24,8 +28,6 @@ from tests.integration.chat_helpers import (
 
 pytestmark = pytest.mark.integration
 
-USER = [{"role": "user", "content": "What is the weather in Paris?"}]
-CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "%s"}}\n</tool_call>'
 THINK_THEN_CALL = "<think>\nI should call the tool.\n</think>\n\n" + CALL % "Paris"
 
 
@@ -108,52 +110,19 @@ def test_output_cut_by_tokens_inside_reasoning(loaded):
 
 
 def test_tool_call_after_reasoning_with_prior_conversation(loaded):
-    history = [
-        {"role": "system", "content": "You call tools."},
-        {"role": "user", "content": "Weather in Rome?"},
-        {
-            "role": "assistant",
-            "content": "",
-            "reasoning_content": "Call it.",
-            "tool_calls": json.dumps(
-                [
-                    {
-                        "id": "call_1",
-                        "type": "function",
-                        "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
-                    }
-                ]
-            ),
-        },
-        {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call_1"},
-        *USER,
-    ]
     unary, streamed = both(
         loaded.stub,
-        chat_request(loaded.stub, history, forced=THINK_THEN_CALL, tools=[WEATHER_TOOL]),
+        chat_request(loaded.stub, TOOL_HISTORY, forced=THINK_THEN_CALL, tools=[WEATHER_TOOL]),
     )
     assert unary.structured() == streamed.structured()
     assert unary.structured()["calls"] == [("get_weather", {"city": "Paris"})]
 
 
 def test_named_tool_choice_constrains_the_output_to_that_call(loaded, tiny_model_dir):
-    strict_tool = {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "strict": True,
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string", "enum": ["Paris"]}},
-                "required": ["city"],
-                "additionalProperties": False,
-            },
-        },
-    }
     req = chat_request(
         loaded.stub,
         USER,
-        tools=[strict_tool, TIME_TOOL],
+        tools=[STRICT_WEATHER_TOOL, TIME_TOOL],
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
         tokens=100,
         LogitBias=json.dumps(whitespace_bias(tiny_model_dir)),

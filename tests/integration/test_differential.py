@@ -34,7 +34,11 @@ import pytest
 
 from tests.conftest import ROOT, free_port
 from tests.integration.chat_helpers import (
+    CALL,
+    STRICT_WEATHER_TOOL,
     TIME_TOOL,
+    TOOL_HISTORY,
+    USER,
     WEATHER_TOOL,
     ChatResult,
     chat_request,
@@ -49,42 +53,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 KV_CACHE_BYTES = 256 * 2**20
 SERVER_START_TIMEOUT = 180.0
 REQUEST_TIMEOUT = 120.0
-
-USER = [{"role": "user", "content": "What is the weather in Paris?"}]
-CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "%s"}}\n</tool_call>'
-STRICT_WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "strict": True,
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "enum": ["Paris"]}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-HISTORY = [
-    {"role": "system", "content": "You call tools."},
-    {"role": "user", "content": "Weather in Rome?"},
-    {
-        "role": "assistant",
-        "content": "",
-        "reasoning_content": "Call it.",
-        "tool_calls": json.dumps(
-            [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
-                }
-            ]
-        ),
-    },
-    {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call_1"},
-    *USER,
-]
 
 
 # ---- vLLM's OpenAI server ---------------------------------------------------------
@@ -362,7 +330,7 @@ CASES = [
     Case(
         "call_after_prior_conversation",
         forced="<think>\nI should call the tool.\n</think>\n\n" + CALL % "Paris",
-        messages=tuple(HISTORY),
+        messages=tuple(TOOL_HISTORY),
         tools=(WEATHER_TOOL,),
         their_streamed_content="\n\n",
         expect={"calls": [("get_weather", {"city": "Paris"})]},
