@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import os
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
 from backend.server import server_options
 from bench.common import run_async
+from bench.run import cpu_seconds
 
 
 class _Streamer(backend_pb2_grpc.BackendServicer):
@@ -67,17 +67,6 @@ def _serve(port_queue: Any) -> None:
     run_async(main())
 
 
-def _cpu_seconds(pid: int) -> float:
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except OSError:
-            continue
-    return total / 1e9
-
-
 async def _measure(port: int, server_pid: int, cadence_ms: float, messages: int) -> dict[str, Any]:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stub = backend_pb2_grpc.BackendStub(channel)
@@ -92,11 +81,11 @@ async def _measure(port: int, server_pid: int, cadence_ms: float, messages: int)
         await asyncio.sleep(0.005)
 
     async def stream(silent: bool) -> float:
-        before = _cpu_seconds(server_pid)
+        before = cpu_seconds(server_pid, False)
         request = pb.PredictOptions(Tokens=messages, TopP=cadence_ms, TopK=1 if silent else 0)
         async for _ in stub.PredictStream(request):
             pass
-        return _cpu_seconds(server_pid) - before
+        return cpu_seconds(server_pid, False) - before
 
     sending, sleeping = [], []
     for _ in range(3):
