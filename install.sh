@@ -548,6 +548,7 @@ import google.protobuf
 
 import backend.gen.backend_pb2
 import backend.gen.backend_pb2_grpc  # noqa: F401
+import backend.h2grpc  # noqa: F401  (the default gRPC server: needs hpack)
 
 
 def v(dist):

@@ -91,26 +91,77 @@ async def _watch_parent(parent: int, interval: float, stop: asyncio.Event) -> No
 EXIT_ENGINE_DEATH = 3
 
 
+class GrpcioServer:
+    """grpc.aio (C core) behind the same two calls as H2Server."""
+
+    def __init__(self, config: ServerConfig, servicer: Any) -> None:
+        interceptors = [AuthInterceptor(config.auth_token)] if config.auth_token else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
+        backend_pb2_grpc.add_BackendServicer_to_server(servicer, self.server)
+        self.addr = config.addr
+
+    async def listen(self) -> int:
+        port = self.server.add_insecure_port(self.addr)
+        if not port:
+            raise SystemExit(f"cannot listen on {self.addr}")
+        await self.server.start()
+        return int(port)
+
+    async def stop(self, grace: float) -> None:
+        await self.server.stop(grace)
+
+
+class H2Server:
+    """backend/h2grpc.py: HTTP/2 on the event loop (the default)."""
+
+    def __init__(self, config: ServerConfig, servicer: Any) -> None:
+        from backend import h2grpc
+        from backend.gen import backend_pb2
+
+        service = backend_pb2.DESCRIPTOR.services_by_name["Backend"]
+        self.server = h2grpc.Server(
+            h2grpc.methods_of(servicer, service),
+            auth_token=config.auth_token,
+            max_message_bytes=config.max_message_bytes,
+            # Same reasons as server_options: many users share the gateway's
+            # one connection; a vanished gateway is found within a minute.
+            max_concurrent_streams=1000,
+            keepalive_time=30.0,
+            keepalive_timeout=10.0,
+        )
+        self.addr = config.addr
+
+    async def listen(self) -> int:
+        try:
+            return await self.server.listen(self.addr)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"cannot listen on {self.addr}: {exc}") from None
+
+    async def stop(self, grace: float) -> None:
+        await self.server.stop(grace)
+
+
+def make_server(config: ServerConfig, servicer: Any) -> H2Server | GrpcioServer:
+    """The transport config.transport names, serving `servicer` on config.addr."""
+    return (H2Server if config.transport == "h2" else GrpcioServer)(config, servicer)
+
+
 async def serve(config: ServerConfig) -> int:
     """Serve until SIGTERM/SIGINT, parent death or (if configured) engine
     death; returns the process exit code (3 after engine death, else 0)."""
-    interceptors = [AuthInterceptor(config.auth_token)] if config.auth_token else []
-    server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
     servicer = BackendServicer(config)
-    backend_pb2_grpc.add_BackendServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(config.addr)
-    if not bound:
-        raise SystemExit(f"cannot listen on {config.addr}")
+    server = make_server(config, servicer)
+    await server.listen()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    await server.start()
     log.info(
-        "listening on %s (auth %s, max concurrent requests %s, event loop %s)",
+        "listening on %s (transport %s, auth %s, max concurrent requests %s, event loop %s)",
         config.addr,
+        config.transport,
         "on" if config.auth_token else "off",
         config.max_concurrent_requests or "unlimited",
         type(loop).__module__.split(".")[0],

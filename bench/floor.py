@@ -1,12 +1,12 @@
-"""The transport floor: what grpc.aio itself costs here, with no engine behind it.
+"""The transport floor: what the gRPC server itself costs here, with no engine behind it.
 
-`python -m bench.floor [--cadence-ms 2.1] [--messages 1500]` (the orchestrator
-runs it last, with the c1 inter-token gap A measured, and stores the result
-under `floor` in the JSON).
+`python -m bench.floor [--cadence-ms 2.1] [--messages 1500] [--transport h2|grpcio]`
+(the orchestrator runs it last for both transports, with the c1 inter-token gap
+A measured, and stores the results under `floors` in the JSON).
 
-A trivial server (the worker's own grpc.aio server options and event loop,
-`backend.server.server_options`) in one process, a grpc.aio client like target
-B's in another, same session. Two numbers:
+A trivial servicer behind the worker's own server (`backend.server.make_server`:
+the same transport, options and event loop) in one process, a grpc.aio client
+like target B's in another, same session. Two numbers:
 
 * `ttft_ms`: PredictStream sent → first message received, when the server
   writes at once (p50 of 300). This is the part of B's TTFT overhead no
@@ -33,7 +33,7 @@ import grpc
 from backend.config import parse_config
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
-from backend.server import server_options
+from backend.server import make_server
 from bench.common import run_async
 from bench.run import cpu_seconds
 
@@ -56,13 +56,12 @@ class _Streamer(backend_pb2_grpc.BackendServicer):
             await context.write(pb.Reply(message=b"end"))
 
 
-def _serve(port_queue: Any) -> None:
+def _serve(port_queue: Any, transport: str) -> None:
     async def main() -> None:
-        server = grpc.aio.server(options=server_options(parse_config([], env={})))
-        backend_pb2_grpc.add_BackendServicer_to_server(_Streamer(), server)
-        port_queue.put(server.add_insecure_port("127.0.0.1:0"))
-        await server.start()
-        await server.wait_for_termination()
+        config = parse_config(["--addr", "127.0.0.1:0", "--transport", transport], env={})
+        server = make_server(config, _Streamer())
+        port_queue.put(await server.listen())
+        await asyncio.Event().wait()
 
     run_async(main())
 
@@ -102,10 +101,12 @@ async def _measure(port: int, server_pid: int, cadence_ms: float, messages: int)
     }
 
 
-def measure(cadence_ms: float = 2.0, messages: int = 1500) -> dict[str, Any]:
+def measure(
+    cadence_ms: float = 2.0, messages: int = 1500, transport: str = "grpcio"
+) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
-    server = ctx.Process(target=_serve, args=(ports,), daemon=True)
+    server = ctx.Process(target=_serve, args=(ports, transport), daemon=True)
     server.start()
     try:
         port = ports.get(timeout=60)
@@ -121,8 +122,9 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
     p.add_argument("--cadence-ms", type=float, default=2.0)
     p.add_argument("--messages", type=int, default=1500)
+    p.add_argument("--transport", choices=("grpcio", "h2"), default="grpcio")
     args = p.parse_args()
-    json.dump(measure(args.cadence_ms, args.messages), sys.stdout, indent=1)
+    json.dump(measure(args.cadence_ms, args.messages, args.transport), sys.stdout, indent=1)
     print()
 
 

@@ -220,7 +220,7 @@ def goals(
 ) -> list[dict[str, Any]]:
     """The goals from the brief, for B (and C) against A: value, limit, PASS/FAIL.
 
-    `floor` (bench/floor.py: grpc.aio alone, no engine) annotates the TTFT and
+    `floor` (bench/floor.py: the workers' gRPC server alone, no engine) annotates the TTFT and
     CPU rows with what the transport itself costs on this machine."""
     rows: list[dict[str, Any]] = []
 
@@ -256,7 +256,7 @@ def goals(
                     c["ttft_p50_overhead_ms"],
                     TTFT_LIMITS_MS[w],
                     False,
-                    f"gRPC floor {floor['ttft_ms']:.2f} ms (Python client)"
+                    f"{floor['transport']} floor {floor['ttft_ms']:.2f} ms (Python client)"
                     if floor and t == "B"
                     else "",
                 )
@@ -282,7 +282,7 @@ def goals(
                 False,
                 "serving process main pid vs A's driver process"
                 + (
-                    f"; gRPC floor {floor['server_cpu_us_per_msg']:.0f} µs/message"
+                    f"; {floor['transport']} floor {floor['server_cpu_us_per_msg']:.0f} µs/message"
                     if floor and t == "B"
                     else ""
                 ),

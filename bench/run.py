@@ -527,6 +527,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(e.g. stream_interval:4); repeatable",
     )
     p.add_argument(
+        "--transport",
+        choices=("h2", "grpcio"),
+        default="h2",
+        help="the workers' gRPC server (BACKEND_TRANSPORT): h2 (default) or grpcio (grpc.aio)",
+    )
+    p.add_argument(
         "--no-go",
         action="store_true",
         help="skip target Bg (worker B driven by the Go client in bench/goclient)",
@@ -646,13 +652,21 @@ def _autogroup() -> str:
         return "?"
 
 
-def _floor(summary: dict[str, Any], log_dir: Path) -> dict[str, Any] | None:
-    """grpc.aio alone at A's c1 token cadence (after every engine has stopped)."""
+def _floor(summary: dict[str, Any], log_dir: Path, transport: str) -> dict[str, Any] | None:
+    """The gRPC transport alone at A's c1 token cadence (after every engine has stopped)."""
     cadence = (summary.get("c1", {}).get("A") or {}).get("itl_p50_ms") or 2.0
-    _say(f"gRPC floor: trivial server, messages {cadence:.2f} ms apart")
-    with open(log_dir / "floor.log", "wb") as log:
+    _say(f"gRPC floor ({transport}): trivial server, messages {cadence:.2f} ms apart")
+    with open(log_dir / f"floor-{transport}.log", "wb") as log:
         done = subprocess.run(
-            [sys.executable, "-m", "bench.floor", "--cadence-ms", f"{cadence:.3f}"],
+            [
+                sys.executable,
+                "-m",
+                "bench.floor",
+                "--cadence-ms",
+                f"{cadence:.3f}",
+                "--transport",
+                transport,
+            ],
             cwd=ROOT,
             env=quiet_child_env(),
             stdout=subprocess.PIPE,
@@ -661,9 +675,9 @@ def _floor(summary: dict[str, Any], log_dir: Path) -> dict[str, Any] | None:
             check=False,
         )
     try:
-        return dict(json.loads(done.stdout))
+        return {"transport": transport, **json.loads(done.stdout)}
     except ValueError:
-        _say(f"gRPC floor failed (exit {done.returncode}): see {log_dir / 'floor.log'}")
+        _say(f"gRPC floor failed (exit {done.returncode}): see {log_dir}/floor-{transport}.log")
         return None
 
 
@@ -675,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     # Children inherit these: bench.common.run_async and the worker's --event-loop.
     os.environ["BENCH_LOOP"] = args.loop
     os.environ["BACKEND_EVENT_LOOP"] = args.loop
+    os.environ["BACKEND_TRANSPORT"] = args.transport
     all_w = {w.name: w for w in workloads(args.quick)}
     chosen = [n.strip() for n in args.workloads.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in all_w]
@@ -831,7 +846,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = report.summarize(runs)
     comps = report.comparisons(runs)
     loads = {k: t.load_seconds for k, t in targets.items()}
-    floor = None if args.no_floor else _floor(summary, log_dir)
+    floors = {}
+    if not args.no_floor:  # the workers' transport first, the other for comparison
+        for transport in dict.fromkeys((args.transport, "h2", "grpcio")):
+            floors[transport] = _floor(summary, log_dir, transport)
+    floor = floors.get(args.transport)
     goal_rows = report.goals(comps, summary, loads, floor)
     result = {
         "meta": {
@@ -847,6 +866,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "separate_sessions": args.separate_sessions,
             "event_loop": args.loop,
+            "transport": args.transport,
             "engine_options": args.engine_option,
             "sched_autogroup_enabled": _autogroup(),
             "python": platform.python_version(),
@@ -864,6 +884,7 @@ def main(argv: list[str] | None = None) -> int:
         "goals": goal_rows,
         "profile": prof,
         "floor": floor,
+        "floors": floors,
         "runs": runs,
     }
     out = out_dir / f"{stamp}.json"
@@ -887,12 +908,13 @@ def main(argv: list[str] | None = None) -> int:
         f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} "
         f"(per-run values in the JSON)"
     )
-    if floor:
-        print(
-            f"gRPC floor (bench/floor.py, no engine): first message {floor['ttft_ms']:.2f} ms "
-            f"p50, server CPU {floor['server_cpu_us_per_msg']:.0f} µs/message at "
-            f"{floor['cadence_ms']:.2f} ms cadence"
-        )
+    for transport, fl in floors.items():
+        if fl:
+            print(
+                f"gRPC floor, {transport} server (bench/floor.py, no engine): first message "
+                f"{fl['ttft_ms']:.2f} ms p50, server CPU {fl['server_cpu_us_per_msg']:.0f} "
+                f"µs/message at {fl['cadence_ms']:.2f} ms cadence"
+            )
     if prof and "self" in prof:
         print()
         print(format_profile(prof))

@@ -36,9 +36,30 @@ def _engine_children(worker: Worker) -> list[psutil.Process]:
     return out
 
 
-def test_worker_serves_on_uvloop_by_default(fresh):
-    # Cheaper per streamed message than the default asyncio loop (bench/README.md).
-    assert "event loop uvloop" in fresh.log_tail(200)
+def test_worker_serves_on_uvloop_and_h2_by_default(fresh):
+    # Both make each streamed message cheaper (bench/results/README.md).
+    tail = fresh.log_tail(200)
+    assert "event loop uvloop" in tail and "transport h2" in tail
+
+
+def test_grpcio_transport_still_serves(tiny_model_dir):
+    """`--transport grpcio` (grpc.aio) stays a working fallback: load, unary,
+    stream with usage, an error status, Free."""
+    w = Worker(env={"BACKEND_TRANSPORT": "grpcio"})
+    try:
+        assert "transport grpcio" in w.log_tail(200)
+        result = w.stub.LoadModel(tiny_load_options(tiny_model_dir), timeout=300)
+        assert result.success, result.message
+        request = pb.PredictOptions(Prompt="hi", Tokens=6, IgnoreEOS=True)
+        assert w.stub.Predict(request, timeout=120).tokens == 6
+        chunks = list(w.stub.PredictStream(request, timeout=120))
+        assert chunks[-1].tokens == 6 and len(chunks) >= 2
+        with pytest.raises(grpc.RpcError) as err:
+            w.stub.Predict(pb.PredictOptions(Prompt="hi", LogitBias="[1]"), timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert w.stub.Free(pb.HealthMessage(), timeout=120).success
+    finally:
+        w.stop()
 
 
 def test_before_load_rpcs_fail_with_failed_precondition(fresh):

@@ -1,0 +1,389 @@
+"""backend/h2grpc.py against real clients: grpc's C-core client (the one the
+rest of the suite uses) and raw HTTP/2 frames for what a well-behaved client
+never sends. No engine: a small servicer on the Backend service stands in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import hpack
+import pytest
+
+from backend import h2grpc
+from backend.gen import backend_pb2 as pb
+from backend.gen import backend_pb2_grpc
+
+pytestmark = pytest.mark.timeout(120)
+
+TOKEN = "s3cret"
+
+
+class Servicer:
+    """Predict echoes Prompt; PredictStream sends `Tokens` replies of
+    `Batch` bytes each, `TopP` ms apart; TokenizeString aborts or raises
+    as its Prompt says."""
+
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+        self.started = threading.Event()
+
+    async def Health(self, request: pb.HealthMessage, context: Any) -> pb.Reply:
+        return pb.Reply(message=b"OK")
+
+    async def Predict(self, request: pb.PredictOptions, context: Any) -> pb.Reply:
+        if request.TopP:
+            try:
+                self.started.set()
+                await asyncio.sleep(request.TopP / 1000)
+            except asyncio.CancelledError:
+                self.cancelled.append(request.CorrelationId)
+                raise
+        meta = dict(context.invocation_metadata())
+        return pb.Reply(message=request.Prompt.encode(), tokens=len(meta.get("x-echo", "")))
+
+    async def PredictStream(self, request: pb.PredictOptions, context: Any) -> None:
+        try:
+            for i in range(request.Tokens):
+                if request.TopP:
+                    await asyncio.sleep(request.TopP / 1000)
+                self.started.set()
+                body = bytes([65 + i % 26]) * (request.Batch or 1)
+                await context.write(pb.Reply(message=body, tokens=i))
+        except asyncio.CancelledError:
+            self.cancelled.append(request.CorrelationId)
+            raise
+
+    async def TokenizeString(self, request: pb.PredictOptions, context: Any) -> Any:
+        if request.Prompt == "raise":
+            raise RuntimeError("boom")
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.Prompt)
+
+
+class Running:
+    def __init__(self, **options: Any) -> None:
+        self.servicer = Servicer()
+        self.loop = asyncio.new_event_loop()
+        service = pb.DESCRIPTOR.services_by_name["Backend"]
+        self.server = h2grpc.Server(h2grpc.methods_of(self.servicer, service), **options)
+        self.port = 0
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.port = self.loop.run_until_complete(self.server.listen("127.0.0.1:0"))
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+        self.addr = f"127.0.0.1:{self.port}"
+
+    def stop(self, grace: float = 0.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(30)
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+    def channel(self, *options: tuple[str, Any]) -> grpc.Channel:
+        return grpc.insecure_channel(self.addr, options=list(options))
+
+
+@pytest.fixture
+def server() -> Iterator[Running]:
+    running = Running(max_message_bytes=8 * 1024 * 1024)
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def stub(server: Running) -> Iterator[backend_pb2_grpc.BackendStub]:
+    with server.channel(("grpc.max_receive_message_length", 64 * 1024 * 1024)) as channel:
+        yield backend_pb2_grpc.BackendStub(channel)
+
+
+def test_unary_and_metadata(stub: backend_pb2_grpc.BackendStub) -> None:
+    assert stub.Health(pb.HealthMessage(), timeout=10).message == b"OK"
+    reply = stub.Predict(pb.PredictOptions(Prompt="héllo"), metadata=(("x-echo", "abc"),))
+    assert reply.message == "héllo".encode() and reply.tokens == 3
+
+
+def test_stream_order_and_content(stub: backend_pb2_grpc.BackendStub) -> None:
+    replies = list(stub.PredictStream(pb.PredictOptions(Tokens=500), timeout=30))
+    assert [r.tokens for r in replies] == list(range(500))
+    assert replies[27].message == b"B"
+
+
+def test_large_messages_both_ways(stub: backend_pb2_grpc.BackendStub) -> None:
+    """Several frames and several flow-control windows in each direction."""
+    prompt = "x" * (5 * 1024 * 1024)
+    assert stub.Predict(pb.PredictOptions(Prompt=prompt), timeout=60).message == prompt.encode()
+    replies = list(stub.PredictStream(pb.PredictOptions(Tokens=3, Batch=3_000_000), timeout=60))
+    assert [len(r.message) for r in replies] == [3_000_000] * 3
+
+
+def test_a_client_with_a_small_window_gets_everything(server: Running) -> None:
+    """The client grants 64 KiB and no BDP growth: the server must wait for
+    WINDOW_UPDATEs instead of overrunning it."""
+    options = (("grpc.http2.lookahead_bytes", 65_535), ("grpc.http2.bdp_probe", 0))
+    with server.channel(*options) as channel:
+        stub = backend_pb2_grpc.BackendStub(channel)
+        request = pb.PredictOptions(Tokens=40, Batch=50_000)
+        replies = list(stub.PredictStream(request, timeout=60))
+    assert len(replies) == 40 and all(len(r.message) == 50_000 for r in replies)
+    assert server.server.flow_waits > 10  # the window really ran out, repeatedly
+
+
+def test_many_concurrent_streams_on_one_connection(stub: backend_pb2_grpc.BackendStub) -> None:
+    calls = [
+        stub.PredictStream(pb.PredictOptions(Tokens=50, TopP=1, Batch=i + 1)) for i in range(200)
+    ]
+    for i, call in enumerate(calls):
+        replies = list(call)
+        assert [r.tokens for r in replies] == list(range(50))
+        assert all(len(r.message) == i + 1 for r in replies)
+
+
+def test_gzip_compressed_request(stub: backend_pb2_grpc.BackendStub) -> None:
+    prompt = "compress me " * 1000
+    reply = stub.Predict(pb.PredictOptions(Prompt=prompt), compression=grpc.Compression.Gzip)
+    assert reply.message == prompt.encode()
+
+
+@pytest.mark.parametrize(
+    "prompt, code, details",
+    [
+        ("bad value: ünïcode 100%", grpc.StatusCode.INVALID_ARGUMENT, "bad value: ünïcode 100%"),
+        ("raise", grpc.StatusCode.UNKNOWN, "Unexpected RuntimeError"),
+    ],
+)
+def test_status_and_details(stub: Any, prompt: str, code: grpc.StatusCode, details: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.TokenizeString(pb.PredictOptions(Prompt=prompt), timeout=10)
+    assert err.value.code() == code and err.value.details() == details
+
+
+def test_unknown_method_is_unimplemented(server: Running) -> None:
+    with server.channel() as channel:
+        call = channel.unary_unary("/backend.Backend/Nope")
+        with pytest.raises(grpc.RpcError) as err:
+            call(b"", timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "/backend.Backend/Nope" in err.value.details()
+
+
+def test_undecodable_request_is_invalid_argument(server: Running) -> None:
+    with server.channel() as channel:
+        call = channel.unary_unary("/backend.Backend/Predict")
+        bad = (
+            pb.PredictOptions(Prompt="MARK")
+            .SerializeToString()
+            .replace(b"MARK", b"\xff\xfe\xff\xfe")
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            call(bad, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "backend.PredictOptions" in err.value.details()
+        assert "UTF-8" in err.value.details()
+        call = channel.unary_unary("/backend.Backend/Predict")
+        with pytest.raises(grpc.RpcError) as err:
+            call(b"\x0a\xff", timeout=10)  # truncated field
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_oversized_request_is_resource_exhausted() -> None:
+    running = Running(max_message_bytes=1000)
+    try:
+        with running.channel() as channel:
+            stub = backend_pb2_grpc.BackendStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Predict(pb.PredictOptions(Prompt="y" * 5000), timeout=10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "larger than max" in err.value.details()
+            assert stub.Predict(pb.PredictOptions(Prompt="ok"), timeout=10).message == b"ok"
+    finally:
+        running.close()
+
+
+def test_auth() -> None:
+    running = Running(auth_token=TOKEN)
+    try:
+        with running.channel() as channel:
+            stub = backend_pb2_grpc.BackendStub(channel)
+            good = (("authorization", f"Bearer {TOKEN}"),)
+            assert stub.Health(pb.HealthMessage(), metadata=good, timeout=10).message == b"OK"
+            for metadata in ((), (("authorization", f"Bearer {TOKEN}x"),)):
+                with pytest.raises(grpc.RpcError) as err:
+                    list(stub.PredictStream(pb.PredictOptions(Tokens=2), metadata=metadata))
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        running.close()
+
+
+def _wait(predicate: Any, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_client_cancel_cancels_the_handler(server: Running, stub: Any) -> None:
+    call = stub.PredictStream(pb.PredictOptions(Tokens=10_000, TopP=5, CorrelationId="c1"))
+    next(call)
+    call.cancel()
+    assert _wait(lambda: "c1" in server.servicer.cancelled)
+
+
+def test_deadline_cancels_the_handler(server: Running, stub: Any) -> None:
+    request = pb.PredictOptions(TopP=10_000, CorrelationId="d1")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(request, timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _wait(lambda: "d1" in server.servicer.cancelled)
+
+
+def test_deadline_is_enforced_by_the_server_too(server: Running) -> None:
+    """A client that sends grpc-timeout but never resets the stream still
+    gets DEADLINE_EXCEEDED from us, and the handler is cancelled."""
+    with RawClient(server.port) as raw:
+        raw.request(
+            1,
+            "/backend.Backend/Predict",
+            pb.PredictOptions(TopP=10_000, CorrelationId="d2"),
+            ("grpc-timeout", "300m"),
+        )
+        headers = raw.read_until_end(1)
+    assert ("grpc-status", "4") in headers
+    assert _wait(lambda: "d2" in server.servicer.cancelled)
+
+
+def test_a_vanished_connection_cancels_its_handlers(server: Running) -> None:
+    with RawClient(server.port) as raw:
+        raw.request(
+            1,
+            "/backend.Backend/PredictStream",
+            pb.PredictOptions(Tokens=10_000, TopP=5, CorrelationId="gone"),
+        )
+        assert server.servicer.started.wait(10)
+    assert _wait(lambda: "gone" in server.servicer.cancelled)
+
+
+def test_pings_are_answered_and_a_bad_preface_is_refused(server: Running) -> None:
+    with RawClient(server.port) as raw:
+        raw.send(h2grpc.PING, 0, 0, b"12345678")
+        _kind, flags, _, payload = raw.read_frame(lambda f: f[0] == h2grpc.PING)
+        assert flags & h2grpc.ACK and payload == b"12345678"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        # Our SETTINGS, then GOAWAY(PROTOCOL_ERROR), then the close.
+        assert struct.pack(">B", h2grpc.GOAWAY) in data[:200] and b"preface" in data
+
+
+def test_stop_refuses_new_calls_and_cuts_running_ones_after_the_grace(server: Running) -> None:
+    with server.channel() as channel:
+        stub = backend_pb2_grpc.BackendStub(channel)
+        call = stub.PredictStream(pb.PredictOptions(Tokens=10_000, TopP=5, CorrelationId="s1"))
+        next(call)
+        started = time.monotonic()
+        server.stop(grace=1.0)
+        took = time.monotonic() - started
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in call:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert 0.9 <= took < 10, took
+        assert "s1" in server.servicer.cancelled
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Health(pb.HealthMessage(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_stop_lets_short_calls_finish(server: Running) -> None:
+    with server.channel() as channel:
+        stub = backend_pb2_grpc.BackendStub(channel)
+        call = stub.PredictStream(pb.PredictOptions(Tokens=20, TopP=20))
+        next(call)
+        server.stop(grace=10.0)
+        assert len(list(call)) == 19
+
+
+class RawClient:
+    """Hand-written HTTP/2 frames over a socket."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(h2grpc.PREFACE + h2grpc._frame(h2grpc.SETTINGS, 0, 0))
+        self.buffer = b""
+        self.encoder = hpack.Encoder()
+        self.decoder = hpack.Decoder()
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.sock.close()
+
+    def send(self, kind: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
+        self.sock.sendall(h2grpc._frame(kind, flags, stream_id, payload))
+
+    def request(self, stream_id: int, path: str, message: Any, *extra: tuple[str, str]) -> None:
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            *extra,
+        ]
+        self.send(h2grpc.HEADERS, h2grpc.END_HEADERS, stream_id, self.encoder.encode(headers))
+        data = message.SerializeToString()
+        body = struct.pack(">BI", 0, len(data)) + data
+        self.send(h2grpc.DATA, h2grpc.END_STREAM, stream_id, body)
+
+    def read_frame(self, want: Any = lambda f: True) -> tuple[int, int, int, bytes]:
+        while True:
+            while len(self.buffer) < 9 or len(self.buffer) < 9 + int.from_bytes(
+                self.buffer[:3], "big"
+            ):
+                chunk = self.sock.recv(65536)
+                assert chunk, "connection closed"
+                self.buffer += chunk
+            length = int.from_bytes(self.buffer[:3], "big")
+            frame = (
+                self.buffer[3],
+                self.buffer[4],
+                int.from_bytes(self.buffer[5:9], "big"),
+                self.buffer[9 : 9 + length],
+            )
+            self.buffer = self.buffer[9 + length :]
+            if frame[0] == h2grpc.SETTINGS and not frame[1] & h2grpc.ACK:
+                self.send(h2grpc.SETTINGS, h2grpc.ACK, 0)
+            if want(frame):
+                return frame
+
+    def read_until_end(self, stream_id: int) -> list[tuple[str, str]]:
+        headers: list[tuple[str, str]] = []
+        while True:
+            kind, flags, _sid, payload = self.read_frame(lambda f: f[2] == stream_id)
+            if kind == h2grpc.HEADERS:
+                headers += [(str(k), str(v)) for k, v in self.decoder.decode(payload)]
+            if flags & h2grpc.END_STREAM or kind == h2grpc.RST_STREAM:
+                return headers
