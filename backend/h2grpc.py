@@ -14,8 +14,8 @@ Scope, deliberately small (what a gRPC client needs from this worker):
   * unary and server-streaming methods, one request message per call;
     requests compressed with gzip/deflate are accepted, replies are sent
     uncompressed (allowed by the gRPC spec whatever the client accepts).
-  * HTTP/2 flow control both ways, SETTINGS, PING (answered at once, so a
-    client's BDP probing costs nothing), RST_STREAM -> the handler task is
+  * HTTP/2 flow control both ways, SETTINGS, PING (ACKs paced to one per
+    50 ms, see PING_ACK_INTERVAL), RST_STREAM -> the handler task is
     cancelled (and with it the engine request), GOAWAY on shutdown,
     CONTINUATION, padding, grpc-timeout deadlines, keepalive pings to find a
     vanished peer, a cap on concurrent streams and on message size.
@@ -69,6 +69,14 @@ MAX_WINDOW = 2**31 - 1
 # from stalling on round trips.
 RECV_WINDOW = 4 * 1024 * 1024
 MAX_HEADER_LIST = 64 * 1024
+# At most one PING ACK per this many seconds per connection; later pings are
+# answered together when it has passed. grpc-go's BDP estimator (on in the
+# gateway's default dial) sends a new ping with the first DATA frame after each
+# ACK, i.e. one per streamed token when tokens are slower than the round trip;
+# answering each at once makes every token cost a second wake-up here. With a
+# 50 ms pace a client pings at most 20 times a second, and keepalive pings
+# (seconds apart) are still answered at once.
+PING_ACK_INTERVAL = 0.05
 
 _GRPC_PREFIX = struct.Struct(">BI")
 
@@ -286,6 +294,9 @@ class _Connection(asyncio.Protocol):
         self.last_activity = time.monotonic()
         self.ping_outstanding = False
         self.keepalive: asyncio.TimerHandle | None = None
+        self.last_ping_ack = -PING_ACK_INTERVAL
+        self.ping_payloads: list[bytes] = []  # PINGs waiting for their ACK
+        self.ping_timer: asyncio.TimerHandle | None = None
 
     # ---- asyncio.Protocol ----------------------------------------------------
 
@@ -323,6 +334,8 @@ class _Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         if self.keepalive is not None:
             self.keepalive.cancel()
+        if self.ping_timer is not None:
+            self.ping_timer.cancel()
         for stream in list(self.streams.values()):
             self._cancel(stream, None)
         self.streams.clear()
@@ -371,6 +384,9 @@ class _Connection(asyncio.Protocol):
             del buf[:pos]
         except ConnectionError_ as exc:
             self._connection_error(exc.code, str(exc))
+        except Exception:  # a bug here must not leave the connection half-parsed
+            log.exception("HTTP/2 frame handling failed")
+            self._connection_error(INTERNAL_ERROR, "internal error")
 
     # ---- frames in -----------------------------------------------------------
 
@@ -399,7 +415,7 @@ class _Connection(asyncio.Protocol):
             if flags & ACK:
                 self.ping_outstanding = False
             else:
-                self._write(_frame(PING, ACK, 0, payload))
+                self._on_ping(payload)
         elif kind == RST_STREAM:
             if stream_id == 0 or len(payload) != 4:
                 raise ConnectionError_(PROTOCOL_ERROR, "bad RST_STREAM")
@@ -414,6 +430,25 @@ class _Connection(asyncio.Protocol):
         elif kind == PUSH_PROMISE:
             raise ConnectionError_(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
         # unknown frame types are ignored (RFC 9113 §4.1)
+
+    def _on_ping(self, payload: bytes) -> None:
+        now = time.monotonic()
+        if self.ping_timer is None and now - self.last_ping_ack >= PING_ACK_INTERVAL:
+            self.last_ping_ack = now
+            self._write(_frame(PING, ACK, 0, payload))
+            return
+        if len(self.ping_payloads) >= 100:
+            raise ConnectionError_(ENHANCE_YOUR_CALM, "too many unanswered pings")
+        self.ping_payloads.append(payload)
+        if self.ping_timer is None:
+            delay = self.last_ping_ack + PING_ACK_INTERVAL - now
+            self.ping_timer = asyncio.get_running_loop().call_later(delay, self._ack_pings)
+
+    def _ack_pings(self) -> None:
+        self.ping_timer = None
+        self.last_ping_ack = time.monotonic()
+        self._write(b"".join(_frame(PING, ACK, 0, p) for p in self.ping_payloads))
+        self.ping_payloads.clear()
 
     def _on_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id:

@@ -287,6 +287,10 @@ def test_pings_are_answered_and_a_bad_preface_is_refused(server: Running) -> Non
         raw.send(h2grpc.PING, 0, 0, b"12345678")
         _kind, flags, _, payload = raw.read_frame(lambda f: f[0] == h2grpc.PING)
         assert flags & h2grpc.ACK and payload == b"12345678"
+        raw.send(h2grpc.PING, 0, 0, b"second..")
+        raw.send(h2grpc.PING, 0, 0, b"third...")
+        acks = [raw.read_frame(lambda f: f[0] == h2grpc.PING)[3] for _ in range(2)]
+        assert acks == [b"second..", b"third..."]
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         data = b""
@@ -322,6 +326,50 @@ def test_stop_lets_short_calls_finish(server: Running) -> None:
         next(call)
         server.stop(grace=10.0)
         assert len(list(call)) == 19
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def get_extra_info(self, name: str) -> Any:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_ping_acks_are_paced() -> None:
+    """The first PING is answered at once; those within PING_ACK_INTERVAL of
+    an ACK wait and are answered together (grpc-go's BDP pings otherwise cost
+    a wake-up per streamed token)."""
+    loop = asyncio.new_event_loop()
+    try:
+        conn = h2grpc._Connection(h2grpc.Server({}))
+        transport = _Transport()
+
+        async def scenario() -> list[list[bytes]]:
+            conn.connection_made(transport)  # type: ignore[arg-type]
+            transport.written.clear()  # our SETTINGS
+            seen = []
+            for payload in (b"first...", b"second..", b"third..."):
+                conn._on_ping(payload)
+                seen.append(list(transport.written))
+            await asyncio.sleep(h2grpc.PING_ACK_INTERVAL + 0.05)
+            seen.append(list(transport.written))
+            conn.connection_lost(None)
+            return seen
+
+        seen = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    ack = lambda p: h2grpc._frame(h2grpc.PING, h2grpc.ACK, 0, p)  # noqa: E731
+    assert seen[0] == [ack(b"first...")]
+    assert seen[1] == seen[2] == [ack(b"first...")]
+    assert seen[3] == [ack(b"first..."), ack(b"second..") + ack(b"third...")]
 
 
 class RawClient:
