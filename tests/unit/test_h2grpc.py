@@ -353,10 +353,12 @@ def test_ping_acks_are_paced() -> None:
 
         async def scenario() -> list[list[bytes]]:
             conn.connection_made(transport)  # type: ignore[arg-type]
+            await asyncio.sleep(0)  # frames leave once per loop iteration
             transport.written.clear()  # our SETTINGS
             seen = []
             for payload in (b"first...", b"second..", b"third..."):
                 conn._on_ping(payload)
+                await asyncio.sleep(0)
                 seen.append(list(transport.written))
             await asyncio.sleep(h2grpc.PING_ACK_INTERVAL + 0.05)
             seen.append(list(transport.written))
