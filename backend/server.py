@@ -62,17 +62,23 @@ def _denied(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
     )
 
 
+# Both transports. The gateway multiplexes many users over one connection; the
+# default of 100 concurrent streams per connection would queue them in HTTP/2.
+MAX_CONCURRENT_STREAMS = 1000
+# Detect a vanished gateway connection (and so cancel its streams) within about
+# a minute even when no data flows: ping after this much silence, give up when
+# the ACK is this late.
+KEEPALIVE_TIME_S = 30
+KEEPALIVE_TIMEOUT_S = 10
+
+
 def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        # The gateway multiplexes many users over one connection; the default
-        # of 100 concurrent streams per connection would queue them in HTTP/2.
-        ("grpc.max_concurrent_streams", 1000),
-        # Detect a vanished gateway connection (and so cancel its streams)
-        # within about a minute even when no data flows.
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_S * 1000),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.so_reuseport", 0),
@@ -123,11 +129,9 @@ class H2Server:
             h2grpc.methods_of(servicer, service),
             auth_token=config.auth_token,
             max_message_bytes=config.max_message_bytes,
-            # Same reasons as server_options: many users share the gateway's
-            # one connection; a vanished gateway is found within a minute.
-            max_concurrent_streams=1000,
-            keepalive_time=30.0,
-            keepalive_timeout=10.0,
+            max_concurrent_streams=MAX_CONCURRENT_STREAMS,
+            keepalive_time=KEEPALIVE_TIME_S,
+            keepalive_timeout=KEEPALIVE_TIMEOUT_S,
         )
         self.addr = config.addr
 
