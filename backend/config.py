@@ -10,6 +10,7 @@ from dataclasses import dataclass
 _FALSE = {"0", "false", "no", "off", ""}
 
 DEFAULT_ADDR = "127.0.0.1:50051"
+TRANSPORTS = ("h2", "grpcio")  # backend/server.py: H2Server, GrpcioServer
 # 64 MiB: a chat with a few base64 images fits; the gateway's own default
 # client limit is of that order. Larger requests get RESOURCE_EXHAUSTED from grpc.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -97,13 +98,15 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> Se
     )
     parser.add_argument(
         "--transport",
-        choices=("h2", "grpcio"),
+        choices=TRANSPORTS,
         default=env.get("BACKEND_TRANSPORT", "h2"),
         help="gRPC server: h2 (HTTP/2 on the event loop, default) or grpcio (grpc.aio)",
     )
     args = parser.parse_args(list(argv))
-    if args.transport not in ("h2", "grpcio"):
-        raise SystemExit(f"BACKEND_TRANSPORT={args.transport!r}: choose h2 or grpcio")
+    if args.transport not in TRANSPORTS:
+        raise SystemExit(
+            f"BACKEND_TRANSPORT={args.transport!r}: choose one of {', '.join(TRANSPORTS)}"
+        )
     token = env.get("LOCALAI_GRPC_AUTH_TOKEN") or None
     return ServerConfig(
         addr=args.addr,

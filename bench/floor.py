@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from backend.config import parse_config
+from backend.config import TRANSPORTS, parse_config
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
 from backend.server import make_server
@@ -122,7 +122,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
     p.add_argument("--cadence-ms", type=float, default=2.0)
     p.add_argument("--messages", type=int, default=1500)
-    p.add_argument("--transport", choices=("grpcio", "h2"), default="grpcio")
+    p.add_argument("--transport", choices=TRANSPORTS, default="grpcio")
     args = p.parse_args()
     json.dump(measure(args.cadence_ms, args.messages, args.transport), sys.stdout, indent=1)
     print()

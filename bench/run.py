@@ -26,6 +26,7 @@ from typing import IO, Any
 
 import psutil
 
+from backend.config import TRANSPORTS
 from bench import common, gcprobe, report
 from bench.common import (
     ROOT,
@@ -528,7 +529,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--transport",
-        choices=("h2", "grpcio"),
+        choices=TRANSPORTS,
         default="h2",
         help="the workers' gRPC server (BACKEND_TRANSPORT): h2 (default) or grpcio (grpc.aio)",
     )
@@ -848,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     loads = {k: t.load_seconds for k, t in targets.items()}
     floors = {}
     if not args.no_floor:  # the workers' transport first, the other for comparison
-        for transport in dict.fromkeys((args.transport, "h2", "grpcio")):
+        for transport in dict.fromkeys((args.transport, *TRANSPORTS)):
             floors[transport] = _floor(summary, log_dir, transport)
     floor = floors.get(args.transport)
     goal_rows = report.goals(comps, summary, loads, floor)
