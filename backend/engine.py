@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from pydantic import ValidationError
-from vllm import PoolingParams, SamplingParams
+from vllm import PoolingParams, SamplingParams, envs
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -166,6 +166,22 @@ def _reap_children(timeout: float = 10.0) -> None:
 
 _SHM_DIR = "/dev/shm"
 
+# After its own grace period, a stopping core SIGTERMs its VLLM::Worker and
+# waits this long before SIGKILL (multiproc_executor._ensure_worker_termination).
+_EXECUTOR_SIGTERM_WAIT_S = 4.0
+
+
+def shutdown_timeout() -> float:
+    """How long the engine core gets to stop before vLLM SIGKILLs it.
+
+    AsyncLLM.shutdown() without a timeout allows 5 s, the same 5 s
+    (VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS) the core itself may spend waiting
+    for its VLLM::Worker: a worker that takes 3 s to exit (torch teardown on a
+    busy CPU) leaves the core too little time and it is killed mid-teardown,
+    leaking its /dev/shm ring buffer. We give the core its whole escalation
+    (grace, SIGTERM wait) plus slack; a clean stop still takes what it takes."""
+    return float(envs.VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS) + _EXECUTOR_SIGTERM_WAIT_S + 3.0
+
 
 def _shm_segments() -> set[str]:
     """Python/vLLM shared-memory segments (`psm_*`) present now."""
@@ -264,7 +280,7 @@ class Engine:
                 orphan = await asyncio.shield(starting)
             except Exception:
                 raise asyncio.CancelledError() from None  # the start failed: nothing to stop
-            await asyncio.to_thread(orphan.shutdown)
+            await asyncio.to_thread(orphan.shutdown, shutdown_timeout())
             await asyncio.to_thread(_reap_children)
             raise
         try:
@@ -275,7 +291,7 @@ class Engine:
             engine = cls(llm, plan, time.monotonic() - started)
             engine._shm_before = shm_before
         except BaseException:
-            llm.shutdown()
+            llm.shutdown(shutdown_timeout())
             raise
         return engine
 
@@ -463,7 +479,7 @@ class Engine:
         """Stop the engine processes and drop our references to its memory."""
         llm = self.llm
         try:
-            await asyncio.to_thread(llm.shutdown)
+            await asyncio.to_thread(llm.shutdown, shutdown_timeout())
         except Exception:
             # The engine may already be dead; its processes are gone either way.
             log.warning("engine shutdown reported an error", exc_info=True)
