@@ -37,6 +37,9 @@ class LongStreams:
     """CAP streams that run until cancelled or finished."""
 
     def __init__(self, stub, tokens: int) -> None:
+        # Streams add their tokens to GetMetrics when they end: any growth
+        # past this (beyond the over-cap calls' own few) means one ended.
+        self.generated_before = _generated(stub)
         self.calls = [stub.PredictStream(greedy(Tokens=tokens), timeout=300) for _ in range(CAP)]
         self.chunks = [0] * CAP
         self.finals: list[pb.Reply | None] = [None] * CAP
@@ -82,13 +85,15 @@ def _generated(stub) -> int:
     return stub.GetMetrics(pb.MetricsRequest(), timeout=10).tokens_generated
 
 
-def _refusals_while_full(stub) -> dict[str, float] | None:
+def _refusals_while_full(stub, streams: LongStreams) -> dict[str, float] | None:
     """Send each over-cap call while CAP long streams run; each must be
     refused with RESOURCE_EXHAUSTED. Returns the refusal times, or None when
-    the check was inconclusive: a long stream ended on the server during it
-    (its tokens reach GetMetrics before its slot is released), so a slot was
-    legitimately free. A fast engine or a starved client can make that happen."""
-    before = _generated(stub)
+    the check was inconclusive: a long stream ended on the server before or
+    during it (its tokens reach GetMetrics before its slot is released), so a
+    slot was legitimately free. A fast engine or a starved client (which may
+    have read only 2 chunks of a stream the server already finished) can make
+    that happen."""
+    before = streams.generated_before
     timings: dict[str, float] = {}
     for name, call in _over_cap_calls(stub).items():
         code, details, took = rpc_code(call)
@@ -110,7 +115,7 @@ def test_requests_over_the_cap_are_refused_quickly_and_accepted_after(capped):
         streams = LongStreams(capped.stub, tokens=2000)
         try:
             assert streams.all_streaming(), f"streams never started: {streams.errors}"
-            timings = _refusals_while_full(capped.stub)
+            timings = _refusals_while_full(capped.stub, streams)
             if timings is not None:
                 # Tokenizer and lifecycle RPCs are not generation and stay available.
                 assert capped.stub.TokenizeString(pb.PredictOptions(Prompt="hi"), timeout=5).tokens
@@ -144,7 +149,7 @@ def test_cancelled_and_refused_requests_give_their_slots_back(capped):
     for _ in range(6):
         streams = LongStreams(capped.stub, tokens=2000)
         assert streams.all_streaming()
-        if _refusals_while_full(capped.stub) is not None:
+        if _refusals_while_full(capped.stub, streams) is not None:
             conclusive += 1
         for call in streams.calls:
             call.cancel()
