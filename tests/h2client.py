@@ -32,6 +32,7 @@ class Stream:
     ended: bool = False
     reset: int | None = None
     largest_frame: int = 0
+    unacked: int = 0  # received while auto_ack was off
 
     def messages(self) -> list[bytes]:
         """The gRPC length-prefixed messages in the body (uncompressed)."""
@@ -110,6 +111,8 @@ class H2Client:
             stream.largest_frame = max(stream.largest_frame, event.flow_controlled_length)
             if self.auto_ack:
                 self.ack(event.stream_id, event.flow_controlled_length)
+            else:
+                stream.unacked += event.flow_controlled_length
         elif isinstance(event, h2_events.StreamEnded):
             self.streams[event.stream_id].ended = True
         elif isinstance(event, h2_events.StreamReset):
@@ -122,6 +125,16 @@ class H2Client:
     def ack(self, stream_id: int, size: int) -> None:
         if size:
             self.conn.acknowledge_received_data(size, stream_id)
+
+    def read_on(self, *stream_ids: int) -> None:
+        """Start acknowledging again: give back what these streams received
+        while auto_ack was off, and everything that arrives from now on."""
+        self.auto_ack = True
+        for sid in stream_ids:
+            stream = self.streams[sid]
+            self.ack(sid, stream.unacked)
+            stream.unacked = 0
+        self.flush()
 
     def pump(self, until: Callable[[], bool], timeout: float = 10.0) -> bool:
         """Read and validate frames until `until()` holds; False on timeout."""

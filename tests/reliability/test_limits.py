@@ -74,10 +74,7 @@ class HeldStreams:
     def read_to_the_end(self, timeout: float = 300) -> list[pb.Reply]:
         """Open the windows, read every stream to its end; the final replies."""
         client = self.client
-        client.auto_ack = True
-        for sid in self.sids:
-            client.ack(sid, len(client.streams[sid].body))
-        client.flush()
+        client.read_on(*self.sids)
         assert client.pump(lambda: all(client.streams[s].ended for s in self.sids), timeout)
         finals = []
         for sid in self.sids:

@@ -20,19 +20,25 @@ import h2.settings as h2_settings
 import pytest
 
 from backend.gen import backend_pb2 as pb
-from tests.h2client import H2Client
-from tests.unit.test_h2grpc import Running
+from tests.h2client import H2Client, Stream
+from tests.h2server import Running
 
 pytestmark = pytest.mark.timeout(120)
 
 INITIAL_WINDOW_SIZE = h2_settings.SettingCodes.INITIAL_WINDOW_SIZE
 
 
-@pytest.fixture
-def server() -> Iterator[Running]:
-    running = Running(max_message_bytes=8 * 1024 * 1024)
-    yield running
-    running.close()
+def _blocked_stream(server: Running, request: pb.PredictOptions) -> tuple[H2Client, int, Stream]:
+    """A PredictStream whose client granted a 1000-byte window and stopped
+    acknowledging: the server must have stopped at the window's edge."""
+    client = H2Client(server.addr, INITIAL_WINDOW_SIZE=1000)
+    client.auto_ack = False
+    sid = client.call("PredictStream", request)
+    stream = client.streams[sid]
+    assert client.pump(lambda: len(stream.body) >= 900)
+    client.idle(0.5)
+    assert len(stream.body) <= 1000 and not stream.ended
+    return client, sid, stream
 
 
 @pytest.fixture
@@ -70,17 +76,9 @@ def test_the_server_never_exceeds_the_stream_window_and_follows_window_updates(
     """A 1000-byte stream window and no WINDOW_UPDATE: the server stops there
     (hyper-h2 raises FlowControlError on a single byte more); acknowledging
     lets the rest through, in order."""
-    client = H2Client(server.addr, INITIAL_WINDOW_SIZE=1000)
+    client, sid, stream = _blocked_stream(server, pb.PredictOptions(Tokens=300, Batch=50))
     try:
-        client.auto_ack = False
-        sid = client.call("PredictStream", pb.PredictOptions(Tokens=300, Batch=50))
-        stream = client.streams[sid]
-        assert client.pump(lambda: len(stream.body) >= 900)
-        client.idle(0.5)
-        assert len(stream.body) <= 1000 and not stream.ended
-        client.auto_ack = True
-        client.ack(sid, len(stream.body))
-        client.flush()
+        client.read_on(sid)
         assert client.pump(lambda: stream.ended, timeout=30)
         replies = [pb.Reply.FromString(m) for m in stream.messages()]
         assert [r.tokens for r in replies] == list(range(300))
@@ -93,21 +91,13 @@ def test_a_larger_initial_window_in_settings_reopens_blocked_streams(server: Run
     """SETTINGS_INITIAL_WINDOW_SIZE changes apply to open streams (RFC 9113
     §6.9.2): raising it mid-stream must resume a stream blocked on its window,
     with no WINDOW_UPDATE for the stream."""
-    client = H2Client(server.addr, INITIAL_WINDOW_SIZE=1000)
+    client, sid, stream = _blocked_stream(server, pb.PredictOptions(Tokens=100, Batch=100))
     try:
-        client.auto_ack = False
-        sid = client.call("PredictStream", pb.PredictOptions(Tokens=100, Batch=100))
-        stream = client.streams[sid]
-        assert client.pump(lambda: len(stream.body) >= 900)
-        client.idle(0.3)
-        assert len(stream.body) <= 1000
         client.conn.update_settings({INITIAL_WINDOW_SIZE: 60_000})
         client.flush()
         # Only the stream window grew; the connection window still has room.
         assert client.pump(lambda: len(stream.body) > 5000), len(stream.body)
-        client.auto_ack = True
-        client.ack(sid, len(stream.body))
-        client.flush()
+        client.read_on(sid)
         assert client.pump(lambda: stream.ended, timeout=30)
         assert len(stream.messages()) == 100
     finally:
