@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from urllib.parse import unquote
 
 import grpc
 import pytest
 
 from backend.gen import backend_pb2 as pb
 from tests.conftest import Worker
+from tests.h2client import H2Client
 from tests.reliability.helpers import (
     describe,
     engine_core,
@@ -29,7 +30,6 @@ from tests.reliability.helpers import (
     state_name,
     stop_worker,
     survivors,
-    wait_for,
 )
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
@@ -37,90 +37,100 @@ pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 # How long in-flight requests may take to learn of the death. vLLM notices
 # at once (its output socket closes); 5 s leaves room for a loaded machine.
 PROMPT_FAILURE_SECONDS = 5.0
+LONG = 2000  # tokens: seconds of generation even for a fast engine
 
 
 @dataclass
 class InFlight:
-    """One request running while the engine is killed."""
+    """One request running while the engine is killed: its HTTP/2 stream."""
 
     name: str
-    chunks: int = 0
-    code: grpc.StatusCode | None = None
-    details: str = ""
-    ended_at: float = 0.0
-    started: threading.Event = field(default_factory=threading.Event)
-
-
-def _consume_stream(stub, flight: InFlight) -> None:
-    try:
-        for _ in stub.PredictStream(greedy(Tokens=2000), timeout=300):
-            flight.chunks += 1
-            flight.started.set()
-    except grpc.RpcError as e:
-        flight.code, flight.details = e.code(), e.details() or ""
-    finally:
-        flight.ended_at = time.monotonic()
-        flight.started.set()
-
-
-def _unary(stub, flight: InFlight) -> None:
-    flight.started.set()
-    try:
-        stub.Predict(greedy(Tokens=2000), timeout=300)
-    except grpc.RpcError as e:
-        flight.code, flight.details = e.code(), e.details() or ""
-    finally:
-        flight.ended_at = time.monotonic()
+    sid: int
+    chunks_at_kill: int = 0
+    ended_at: float | None = None
 
 
 @dataclass
 class Death:
     worker: Worker
+    client: H2Client
     flights: list[InFlight]
     killed_at: float
     engine_pids: list[int]
     engine_procs: list
 
 
+def _chunks(stream) -> int:
+    return len(stream.messages()) if stream.body else 0
+
+
 @pytest.fixture(scope="module")
 def death(tiny_model_dir):
-    """A loaded worker whose engine core was SIGKILLed with requests in flight."""
+    """A loaded worker whose engine core was SIGKILLed with requests in flight.
+
+    The requests go through hyper-h2 (tests/h2client.py), read by this
+    thread as frames arrive. grpc's client buffers whole streams in C-core
+    while its reader threads may be starved, so "the client has read 3
+    chunks" could mean the server had long finished; here the kill follows
+    the first chunk of each stream by milliseconds, against seconds of
+    generation left.
+    """
     worker = Worker()
+    client = None
     try:
         load(worker, tiny_model_dir)
         assert worker.stub.Predict(greedy(Tokens=2), timeout=120).tokens == 2
-        flights = [InFlight("stream-1"), InFlight("stream-2"), InFlight("unary")]
-        threads = [
-            threading.Thread(target=_consume_stream, args=(worker.stub, flights[0])),
-            threading.Thread(target=_consume_stream, args=(worker.stub, flights[1])),
-            threading.Thread(target=_unary, args=(worker.stub, flights[2])),
-        ]
-        for t in threads:
-            t.start()
-        for f in flights:
-            assert f.started.wait(120), f"{f.name} never started"
-        assert wait_for(lambda: all(f.chunks >= 3 for f in flights[:2]), 120) is not None
         procs = engine_processes(worker.proc.pid)
         core = engine_core(worker.proc.pid)
+        client = H2Client(worker.addr)
+        flights = [
+            InFlight("stream-1", client.call("PredictStream", greedy(Tokens=LONG))),
+            InFlight("stream-2", client.call("PredictStream", greedy(Tokens=LONG))),
+            InFlight("unary", client.call("Predict", greedy(Tokens=LONG))),
+        ]
+        streams = client.streams
+        assert client.pump(lambda: all(streams[f.sid].body for f in flights[:2]), 120), (
+            "the streams never started"
+        )
         killed_at = time.monotonic()
         os.kill(core.pid, signal.SIGKILL)
-        for t in threads:
-            t.join(120)
-        yield Death(worker, flights, killed_at, [p.pid for p in procs], procs)
+        for f in flights:
+            f.chunks_at_kill = _chunks(streams[f.sid])
+
+        def note_endings() -> bool:
+            for f in flights:
+                if f.ended_at is None and (streams[f.sid].ended or streams[f.sid].reset):
+                    f.ended_at = time.monotonic()
+            return all(f.ended_at is not None for f in flights)
+
+        client.pump(note_endings, timeout=120)
+        yield Death(worker, client, flights, killed_at, [p.pid for p in procs], procs)
     finally:
+        if client is not None:
+            client.close()
         stop_worker(worker)
 
 
 def test_in_flight_requests_fail_promptly_with_unavailable(death):
     report = []
     for f in death.flights:
-        took = f.ended_at - death.killed_at
-        report.append(f"{f.name}: {f.code} after {took:.2f}s ({f.details!r})")
+        stream = death.client.streams[f.sid]
+        took = None if f.ended_at is None else round(f.ended_at - death.killed_at, 3)
+        status = stream.status() if stream.ended else f"reset={stream.reset}"
+        report.append(
+            f"{f.name}: {status} after {took}s, {f.chunks_at_kill} chunks at the kill, "
+            f"{_chunks(stream)} in all"
+        )
     print("\nengine death, in-flight requests:", *report, sep="\n  ")
     for f in death.flights:
-        assert f.code == grpc.StatusCode.UNAVAILABLE, report
-        assert f.ended_at - death.killed_at < PROMPT_FAILURE_SECONDS, report
-        assert "engine" in f.details.lower(), report
+        stream = death.client.streams[f.sid]
+        assert stream.ended, report
+        code, message = stream.status()
+        assert code == grpc.StatusCode.UNAVAILABLE.value[0], report
+        assert "engine" in unquote(message).lower(), report
+        assert f.ended_at is not None and f.ended_at - death.killed_at < PROMPT_FAILURE_SECONDS, (
+            report
+        )
 
 
 def test_no_engine_process_outlives_the_engine_core(death):
