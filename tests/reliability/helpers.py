@@ -110,6 +110,33 @@ def tree_rss(pid: int) -> dict[str, int]:
     return {"worker": worker, "tree": total}
 
 
+MODEL_RUNNER = "VLLM::Worker"
+
+
+def role_uss(pid: int) -> dict[str, int]:
+    """Private memory (USS) of the worker, the engine core and the model runner(s).
+
+    USS, not RSS: the engine processes share a /dev/shm ring buffer (~200 MiB
+    here) whose pages count in the RSS of every process that maps them, and
+    grow as they are first touched; they are not anyone's leak.
+    """
+    out = dict.fromkeys(("engine core", "model runner"), 0)
+    out["worker"] = psutil.Process(pid).memory_full_info().uss
+    for p in engine_processes(pid):
+        with contextlib.suppress(psutil.Error):
+            name = p.name()
+            role = (
+                "engine core"
+                if name.startswith(ENGINE_CORE)
+                else "model runner"
+                if name.startswith(MODEL_RUNNER)
+                else None
+            )
+            if role:
+                out[role] += p.memory_full_info().uss
+    return out
+
+
 def shm_names() -> set[str]:
     return {p.name for p in SHM.iterdir()} if SHM.is_dir() else set()
 
