@@ -124,6 +124,10 @@ def cpu_seconds(pid: int, tree: bool) -> float:
 # a separate group with the engine's busy-polling (sched_yield only yields within
 # a group), which delays the client's reads by whole time slices under load.
 SEPARATE_SESSIONS = False
+# Niceness of the client processes of B, Bg and C (not A's driver: it is A's
+# front end). A control experiment: on 2 cores the client competes with the
+# engine core for CPU; a niced client yields to it (--client-nice).
+CLIENT_NICE = 0
 
 
 def _stop_process(proc: subprocess.Popen[bytes], name: str, grace: float = 40.0) -> None:
@@ -157,8 +161,12 @@ class Child:
         args: list[str],
         log: IO[bytes],
         program: list[str] | None = None,
+        nice: int = 0,
     ) -> None:
-        """`python -m module --fd N args`, or `program --fd N args` when given."""
+        """`python -m module --fd N args`, or `program --fd N args` when given.
+
+        `nice` is applied before exec, so every thread of the child inherits it
+        (Linux keeps niceness per thread)."""
         parent, child = socket.socketpair()
         self.name = name
         self.proc = subprocess.Popen(
@@ -169,6 +177,7 @@ class Child:
             stderr=subprocess.STDOUT,
             pass_fds=[child.fileno()],
             start_new_session=SEPARATE_SESSIONS,
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
         )
         child.close()
         self.chan = Channel(parent)
@@ -313,7 +322,13 @@ class WorkerTarget(Target):
         if gc_probe:
             child.close()
         self._wait_healthy()
-        self.client = Child(f"{key} client", "bench.grpc_client", ["--addr", self.addr], client_log)
+        self.client = Child(
+            f"{key} client",
+            "bench.grpc_client",
+            ["--addr", self.addr],
+            client_log,
+            nice=CLIENT_NICE,
+        )
 
     def _wait_healthy(self, timeout: float = 180.0) -> None:
         import grpc
@@ -401,7 +416,9 @@ class GoClientTarget(Target):
     def __init__(self, worker: WorkerTarget, program: Path, log: IO[bytes]) -> None:
         super().__init__()
         self.worker = worker
-        self.client = Child("Bg client", "", ["--addr", worker.addr], log, program=[str(program)])
+        self.client = Child(
+            "Bg client", "", ["--addr", worker.addr], log, program=[str(program)], nice=CLIENT_NICE
+        )
 
     @property
     def serving_pid(self) -> int:
@@ -441,7 +458,11 @@ class OpenAITarget(Target):
         # Process start to healthy (imports included): not comparable with A's number.
         self.load_seconds = time.perf_counter() - started
         self.client = Child(
-            "C client", "bench.openai_client", ["--url", self.url, "--model", model_dir], client_log
+            "C client",
+            "bench.openai_client",
+            ["--url", self.url, "--model", model_dir],
+            client_log,
+            nice=CLIENT_NICE,
         )
 
     def _wait_healthy(self, timeout: float = 600.0) -> None:
@@ -511,6 +532,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="start every server and client in its own session (scheduler autogroup); "
         "default: all in the bench's session",
+    )
+    p.add_argument(
+        "--client-nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the clients of B, Bg and C at niceness N (not A's driver): a control "
+        "for how much the client's own CPU costs the engine on a small machine",
     )
     p.add_argument(
         "--loop",
@@ -683,9 +712,10 @@ def _floor(summary: dict[str, Any], log_dir: Path, transport: str) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    global SEPARATE_SESSIONS
+    global SEPARATE_SESSIONS, CLIENT_NICE
     args = parse_args(argv)
     SEPARATE_SESSIONS = args.separate_sessions
+    CLIENT_NICE = args.client_nice
     common.EXTRA_OPTIONS[:] = args.engine_option
     # Children inherit these: bench.common.run_async and the worker's --event-loop.
     os.environ["BENCH_LOOP"] = args.loop
@@ -866,6 +896,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_after": os.getloadavg(),
             "cpus": os.cpu_count(),
             "separate_sessions": args.separate_sessions,
+            "client_nice": args.client_nice,
             "event_loop": args.loop,
             "transport": args.transport,
             "engine_options": args.engine_option,
@@ -883,6 +914,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "comparisons": comps,
         "goals": goal_rows,
+        "a_spread_tok_s": report.spread(runs),
         "profile": prof,
         "floor": floor,
         "floors": floors,
@@ -892,6 +924,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=1))
     print()
     print(report.table(summary, comps, goal_rows))
+    print(report.noise_line(runs))
     print()
     print(
         "engine load: "
