@@ -168,6 +168,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
     return out
 
 
+def _workloads(runs: list[dict[str, Any]]) -> list[str]:
+    """The workloads in the order they first ran."""
+    return list(dict.fromkeys(r["workload"] for r in runs))
+
+
 def paired_values(
     runs: list[dict[str, Any]], workload: str, target: str, base: str, key: str, how: str
 ) -> list[float]:
@@ -188,19 +193,11 @@ def paired_values(
     return vals
 
 
-def paired(
-    runs: list[dict[str, Any]], workload: str, target: str, base: str, key: str, how: str
-) -> float | None:
-    """Median over repeats of target/base ("ratio") or target-base ("diff") for `key`."""
-    return _median(paired_values(runs, workload, target, base, key, how))
-
-
 def spread(runs: list[dict[str, Any]], target: str = "A", key: str = "tok_s") -> dict[str, Any]:
     """{workload: (min, max) of `key` over the repeats of one target}: how much the
     machine itself moves within a run (A is the same code every repeat)."""
     out: dict[str, Any] = {}
-    workloads = sorted({r["workload"] for r in runs}, key=[r["workload"] for r in runs].index)
-    for w in workloads:
+    for w in _workloads(runs):
         xs = [
             r["metrics"][key]
             for r in runs
@@ -225,9 +222,8 @@ def comparisons(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any
     """{workload: {"B/A": {...}, "C/A": {...}, "Bp/B": {...}}} paired per repeat."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     pairs = [("B", "A"), ("Bg", "A"), ("C", "A"), ("Bp", "B")]
-    workloads = sorted({r["workload"] for r in runs}, key=[r["workload"] for r in runs].index)
     targets = {(r["workload"], r["target"]) for r in runs}
-    for w in workloads:
+    for w in _workloads(runs):
         for t, base in pairs:
             if (w, t) not in targets or (w, base) not in targets:
                 continue
@@ -435,11 +431,12 @@ def table(summary: dict[str, Any], comps: dict[str, Any], goal_rows: list[dict[s
     return "\n".join(lines)
 
 
-def noise_line(runs: list[dict[str, Any]]) -> str:
-    """A's own throughput range over the repeats: the machine's swing within this run."""
+def noise_line(a_spread: dict[str, Any]) -> str:
+    """A's own throughput range over the repeats (`spread(runs)`): the machine's
+    swing within this run."""
     parts = [
         f"{w} {lo:.0f}-{hi:.0f} tok/s (max/min {hi / lo:.2f})"
-        for w, (lo, hi) in spread(runs).items()
+        for w, (lo, hi) in a_spread.items()
         if lo
     ]
     return "A's own throughput across repeats (same code each time): " + (

@@ -883,6 +883,7 @@ def main(argv: list[str] | None = None) -> int:
             floors[transport] = _floor(summary, log_dir, transport)
     floor = floors.get(args.transport)
     goal_rows = report.goals(comps, summary, loads, floor)
+    a_spread = report.spread(runs)
     result = {
         "meta": {
             "timestamp": stamp,
@@ -914,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "comparisons": comps,
         "goals": goal_rows,
-        "a_spread_tok_s": report.spread(runs),
+        "a_spread_tok_s": a_spread,
         "profile": prof,
         "floor": floor,
         "floors": floors,
@@ -924,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=1))
     print()
     print(report.table(summary, comps, goal_rows))
-    print(report.noise_line(runs))
+    print(report.noise_line(a_spread))
     print()
     print(
         "engine load: "

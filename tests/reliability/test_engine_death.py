@@ -60,10 +60,6 @@ class Death:
     engine_procs: list
 
 
-def _chunks(stream) -> int:
-    return len(stream.messages()) if stream.body else 0
-
-
 @pytest.fixture(scope="module")
 def death(tiny_model_dir):
     """A loaded worker whose engine core was SIGKILLed with requests in flight.
@@ -95,7 +91,7 @@ def death(tiny_model_dir):
         killed_at = time.monotonic()
         os.kill(core.pid, signal.SIGKILL)
         for f in flights:
-            f.chunks_at_kill = _chunks(streams[f.sid])
+            f.chunks_at_kill = len(streams[f.sid].messages())
 
         def note_endings() -> bool:
             for f in flights:
@@ -119,7 +115,7 @@ def test_in_flight_requests_fail_promptly_with_unavailable(death):
         status = stream.status() if stream.ended else f"reset={stream.reset}"
         report.append(
             f"{f.name}: {status} after {took}s, {f.chunks_at_kill} chunks at the kill, "
-            f"{_chunks(stream)} in all"
+            f"{len(stream.messages())} in all"
         )
     print("\nengine death, in-flight requests:", *report, sep="\n  ")
     for f in death.flights:
