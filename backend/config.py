@@ -10,7 +10,7 @@ from dataclasses import dataclass
 _FALSE = {"0", "false", "no", "off", ""}
 
 DEFAULT_ADDR = "127.0.0.1:50051"
-TRANSPORTS = ("h2", "grpcio")  # backend/server.py: H2Server, GrpcioServer
+TRANSPORTS = ("grpcio", "h2")  # backend/server.py: H2Server, GrpcioServer
 # 64 MiB: a chat with a few base64 images fits; the gateway's own default
 # client limit is of that order. Larger requests get RESOURCE_EXHAUSTED from grpc.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -37,10 +37,10 @@ class ServerConfig:
     # "uvloop" (the default when it is installed; vLLM depends on it) or
     # "asyncio". uvloop makes each streamed message cheaper (bench/README.md).
     event_loop: str = "uvloop"
-    # "h2": our HTTP/2 gRPC server on the event loop (backend/h2grpc.py), or
-    # "grpcio": grpc.aio (C core). h2 costs a third of the CPU per streamed
-    # message and half the time to the first one (bench/README.md).
-    transport: str = "h2"
+    # "grpcio": grpc.aio (C core), the default; or "h2": our HTTP/2 gRPC
+    # server on the event loop (backend/h2grpc.py), an explicit opt-in while
+    # it is not yet hardened against hostile peers (README, issue 11).
+    transport: str = "grpcio"
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -99,8 +99,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> Se
     parser.add_argument(
         "--transport",
         choices=TRANSPORTS,
-        default=env.get("BACKEND_TRANSPORT", "h2"),
-        help="gRPC server: h2 (HTTP/2 on the event loop, default) or grpcio (grpc.aio)",
+        default=env.get("BACKEND_TRANSPORT", "grpcio"),
+        help="gRPC server: grpcio (grpc.aio, default) or h2 (HTTP/2 on the event loop, opt-in)",
     )
     args = parser.parse_args(list(argv))
     if args.transport not in TRANSPORTS:

@@ -1,4 +1,5 @@
-"""The grpc.aio server: options, auth, signals, parent watch and shutdown."""
+"""The gRPC server (grpc.aio by default, h2grpc on request): options, auth,
+signals, parent watch and shutdown."""
 
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ class GrpcioServer:
 
 
 class H2Server:
-    """backend/h2grpc.py: HTTP/2 on the event loop (the default)."""
+    """backend/h2grpc.py: HTTP/2 on the event loop (opt-in: --transport h2)."""
 
     def __init__(self, config: ServerConfig, servicer: Any) -> None:
         from backend import h2grpc

@@ -559,8 +559,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--transport",
         choices=TRANSPORTS,
-        default="h2",
-        help="the workers' gRPC server (BACKEND_TRANSPORT): h2 (default) or grpcio (grpc.aio)",
+        default="grpcio",
+        help="the workers' gRPC server (BACKEND_TRANSPORT): grpcio (grpc.aio, default) or h2",
     )
     p.add_argument(
         "--no-go",
