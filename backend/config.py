@@ -29,7 +29,12 @@ class ServerConfig:
     # Exit the process when the engine dies (the gateway restarts us) instead
     # of reporting ERROR and waiting for a new LoadModel.
     exit_on_engine_death: bool = False
+    # SIGTERM/SIGINT: seconds running requests get to end before the engine
+    # stops; what still runs then ends UNAVAILABLE.
     grace_seconds: float = 10.0
+    # Free / a replacing LoadModel: seconds running requests get to end before
+    # the engine stops (0: stop at once); what still runs ends UNAVAILABLE.
+    drain_seconds: float = 0.0
     log_level: str = "INFO"
     # Log request content (prompts, messages); off by default since prompts
     # may be private.
@@ -83,6 +88,12 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> Se
         action=argparse.BooleanOptionalAction,
         default=_flag(env, "BACKEND_EXIT_ON_ENGINE_DEATH", False),
     )
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=_number(env, "BACKEND_DRAIN_SECONDS", 0.0),
+        help="Free / a replacing LoadModel wait this long for running requests (default 0)",
+    )
     parser.add_argument("--log-level", default=env.get("BACKEND_LOG_LEVEL", "INFO"))
     parser.add_argument(
         "--debug-requests",
@@ -117,6 +128,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> Se
         max_concurrent_requests=max(0, args.max_concurrent_requests),
         exit_on_engine_death=args.exit_on_engine_death,
         grace_seconds=_number(env, "BACKEND_GRACE_SECONDS", 10.0),
+        drain_seconds=max(0.0, args.drain_seconds),
         log_level=args.log_level.upper(),
         debug_requests=args.debug_requests,
         event_loop=_event_loop(args.event_loop),

@@ -13,8 +13,8 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from vllm import PoolingParams, SamplingParams, envs
@@ -31,7 +31,7 @@ from vllm.tool_parsers import ToolParserManager
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from backend.errors import InvalidArgument
+from backend.errors import InvalidArgument, Unavailable
 from backend.load_options import LoadPlan, closest
 
 log = logging.getLogger(__name__)
@@ -238,6 +238,26 @@ def _remove_leftover_segments(before: set[str]) -> None:
         )
 
 
+_Out = TypeVar("_Out")
+
+
+async def gather_or_cancel(coros: Iterable[Coroutine[Any, Any, _Out]]) -> list[_Out]:
+    """Run engine sub-requests together (one Score/Rerank fans out one per
+    candidate); when one fails, the others are cancelled — which aborts their
+    engine requests — and that first failure is raised as it is."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coros]
+    except BaseExceptionGroup as grouped:
+        raise grouped.exceptions[0] from None
+    return [t.result() for t in tasks]
+
+
+# What a request the engine aborted on its own is told (no Free/LoadModel/shutdown
+# in progress): vLLM aborts requests it cannot serve further.
+CUT_BY_ENGINE = "the engine aborted this request before it finished: its output is incomplete"
+
+
 class Engine:
     """A started `AsyncLLM` and what we read from it once."""
 
@@ -251,6 +271,10 @@ class Engine:
         self.renderer = llm.renderer
         self.vocab_size: int = len(self.tokenizer)
         self._shm_before: set[str] = set()
+        # Why this engine is being stopped (Free, a replacing LoadModel,
+        # shutdown), set before its requests are aborted: a request the stop
+        # cuts is answered with this, never with a reply that looks complete.
+        self.closing: str | None = None
 
     @classmethod
     async def start(cls, plan: LoadPlan) -> Engine:
@@ -363,6 +387,24 @@ class Engine:
         # RPC task is all it takes, so nothing here swallows it.
         return self.llm.generate(engine_input, params, request_id, **kwargs)
 
+    def ensure_complete(self, out: _Out | None) -> _Out:
+        """Raise Unavailable unless `out` is the engine's final output of a
+        request that ran to its end (EOS, stop, length): vLLM ends an aborted
+        request with finish_reason "abort" (Free, shutdown, its own aborts),
+        and a generator that stops without a finished output was cut too."""
+        aborted = out is None or not getattr(out, "finished", False)
+        if not aborted:
+            outputs = getattr(out, "outputs", None)
+            if isinstance(outputs, list):
+                aborted = any(c.finish_reason == "abort" for c in outputs)
+            else:  # a pooling output: an aborted one carries an empty tensor
+                data = getattr(outputs, "data", None)
+                aborted = data is not None and data.numel() == 0
+        if aborted:
+            raise Unavailable(self.closing or CUT_BY_ENGINE)
+        assert out is not None
+        return out
+
     @property
     def pooling(self) -> bool:
         return self.model_config.runner_type == "pooling"
@@ -378,9 +420,7 @@ class Engine:
         params = PoolingParams(task=task, extra_kwargs=extra)  # type: ignore[arg-type]
         async for out in self.llm.encode(engine_input, params, request_id):
             final = out
-        if final is None:
-            raise RuntimeError("the engine returned no pooling output")
-        return final
+        return self.ensure_complete(final)
 
     async def prompt_logprobs(self, token_ids: list[int], request_id: str) -> list[float | None]:
         """log p(token_i | tokens before i) for every position (None at 0)."""
@@ -394,7 +434,7 @@ class Engine:
         final = None
         async for out in self.llm.generate({"prompt_token_ids": token_ids}, params, request_id):
             final = out
-        positions = final.prompt_logprobs if final is not None else None
+        positions = self.ensure_complete(final).prompt_logprobs
         if positions is None:
             raise RuntimeError("the engine returned no prompt logprobs")
         values: list[float | None] = []
@@ -405,9 +445,6 @@ class Engine:
 
     def lora_request(self, name: str, index: int, path: str) -> LoRARequest:
         return LoRARequest(lora_name=name, lora_int_id=index + 1, lora_path=path)
-
-    async def abort(self, request_id: str) -> None:
-        await self.llm.abort(request_id)
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=True))

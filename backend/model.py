@@ -272,8 +272,8 @@ async def score(model: LoadedModel, request: pb.ScoreRequest, request_id: str) -
                 f"prompt + candidates[{i}] is {len(ids)} tokens, over the context "
                 f"length {engine.max_model_len}"
             )
-    positions = await asyncio.gather(
-        *(engine.prompt_logprobs(ids, f"{request_id}-{i}") for i, ids in enumerate(fulls))
+    positions = await eng.gather_or_cancel(
+        engine.prompt_logprobs(ids, f"{request_id}-{i}") for i, ids in enumerate(fulls)
     )
     decode = engine.decode_token
     out = pb.ScoreResponse()
@@ -281,9 +281,11 @@ async def score(model: LoadedModel, request: pb.ScoreRequest, request_id: str) -
         result = scoring.score_candidate(
             ids, scoring.common_prefix(prompt_ids, ids), logprobs, decode
         )
+        # Each flag fills what it names and nothing else: length_normalize the
+        # per-token mean, include_token_logprobs the per-token values.
         candidate = out.candidates.add(
             log_prob=result.log_prob,
-            length_normalized_log_prob=result.normalized,
+            length_normalized_log_prob=result.normalized if request.length_normalize else 0.0,
             num_tokens=result.num_tokens,
         )
         if request.include_token_logprobs:

@@ -8,9 +8,9 @@ needs a model whose pooler supports vLLM's `token_embed` task.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
+from backend.engine import gather_or_cancel
 from backend.errors import FailedPrecondition, InvalidArgument
 from backend.gen import backend_pb2 as pb
 
@@ -71,16 +71,14 @@ async def rerank(model: Any, request: pb.RerankRequest, request_id: str) -> pb.R
                 f"query + documents[{i}] is {len(ids)} tokens, over the context "
                 f"length {engine.max_model_len}"
             )
-    outputs = await asyncio.gather(
-        *(
-            engine.pool(
-                {"prompt_token_ids": ids},
-                "classify",
-                f"{request_id}-{i}",
-                {"compressed_token_type_ids": second_at},
-            )
-            for i, (ids, second_at) in enumerate(pairs)
+    outputs = await gather_or_cancel(
+        engine.pool(
+            {"prompt_token_ids": ids},
+            "classify",
+            f"{request_id}-{i}",
+            {"compressed_token_type_ids": second_at},
         )
+        for i, (ids, second_at) in enumerate(pairs)
     )
     scores = [float(out.outputs.data.reshape(-1)[0]) for out in outputs]
     order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)

@@ -96,6 +96,9 @@ async def _watch_parent(parent: int, interval: float, stop: asyncio.Event) -> No
 
 
 EXIT_ENGINE_DEATH = 3
+# After the grace period: how long requests cut by the engine's stop have to
+# send their UNAVAILABLE status before the transport cancels them.
+SHUTDOWN_CUT_S = 5.0
 
 
 class GrpcioServer:
@@ -192,10 +195,13 @@ async def serve(config: ServerConfig) -> int:
         log.info("shutting down (grace %.1fs)", config.grace_seconds)
         for watcher in watchers:
             watcher.cancel()
-        # Refuse new RPCs, let in-flight ones finish within the grace period,
-        # then cancel the rest (their engine requests are aborted), then stop
-        # the engine so no engine process outlives us.
-        await server.stop(config.grace_seconds)
+        # Refuse new RPCs at once and let in-flight ones finish within the
+        # grace period; then stop the engine, which ends what still runs with
+        # UNAVAILABLE "shutting down" (never a reply that looks complete). The
+        # transport cancels whatever has not ended SHUTDOWN_CUT_S later.
+        stopping = asyncio.create_task(server.stop(config.grace_seconds + SHUTDOWN_CUT_S))
+        await servicer.drain(config.grace_seconds)
         await servicer.close()
+        await stopping
         log.info("stopped")
     return exit_code

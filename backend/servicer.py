@@ -25,7 +25,14 @@ from google.protobuf import text_format
 from backend import pooling
 from backend import status as status_mod
 from backend.config import ServerConfig
-from backend.errors import FailedPrecondition, NotLoaded, Overloaded, Unavailable, to_status
+from backend.errors import (
+    BackendError,
+    FailedPrecondition,
+    NotLoaded,
+    Overloaded,
+    Unavailable,
+    to_status,
+)
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
 from backend.metadata import Counters
@@ -37,11 +44,38 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+# What a request still running when its engine is stopped is told. Its output
+# is incomplete, so it ends UNAVAILABLE (the gateway may retry it elsewhere),
+# never with a final Reply that looks complete.
+CUT_BY_FREE = "the model was unloaded (Free) while this request ran: its output is incomplete"
+CUT_BY_LOAD = "the model was replaced (LoadModel) while this request ran: its output is incomplete"
+CUT_BY_SHUTDOWN = (
+    "the worker is shutting down and its grace period ended while this request ran: "
+    "its output is incomplete"
+)
+
+
+@contextlib.contextmanager
+def _cut_reported(model: LoadedModel) -> Iterator[None]:
+    """A request cut by its engine's stop fails with the stop's reason, whatever
+    the engine raised on the way out (EngineDeadError, a closed queue, ...)."""
+    try:
+        yield
+    except BackendError:
+        raise
+    except Exception as exc:
+        if model.engine.closing:
+            raise Unavailable(model.engine.closing) from exc
+        raise
+
+
 def _unary(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(method)
     async def wrapper(self: BackendServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
             return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise  # context.abort already ran (in the handler): its status stands
         except Exception as exc:  # every failure becomes a status, in one place
             await self._abort(context, exc, method.__name__)
             raise  # unreachable: context.abort raises
@@ -57,6 +91,11 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         self._load_lock = asyncio.Lock()
         self._loading = False
         self._active = 0
+        self._idle = asyncio.Event()  # set whenever no request is running
+        self._idle.set()
+        # Seconds Free / a replacing LoadModel wait for running requests to end
+        # before the engine is stopped and the rest are cut.
+        self.drain_seconds = config.drain_seconds
         self._ids = itertools.count(1)
         self.counters = Counters()
 
@@ -115,10 +154,13 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
                 f"(max_concurrent_requests={cap}): retry later"
             )
         self._active += 1
+        self._idle.clear()
         try:
             yield
         finally:
             self._active -= 1
+            if not self._active:
+                self._idle.set()
 
     def _request_id(self, request: Any) -> str:
         rid = f"{request.CorrelationId or 'req'}-{next(self._ids)}"
@@ -146,7 +188,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             self._loading = True
             try:
                 plan, template = await LoadedModel.validate(request)
-                await self._release()
+                await self._release(CUT_BY_LOAD)
                 self.model = await LoadedModel.load(request, plan, template)
                 self.load_error = None
                 # As vLLM's own server does after start-up: move the ~600k
@@ -169,21 +211,40 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     async def Free(self, request: pb.HealthMessage, context: grpc.aio.ServicerContext) -> pb.Result:
         async with self._load_lock:
             freed = self.model is not None
-            await self._release()
+            await self._release(CUT_BY_FREE)
             return pb.Result(
                 success=True, message="model freed" if freed else "no model was loaded"
             )
 
     async def close(self) -> None:
-        """Server shutdown: stop the engine so no engine process outlives us."""
+        """Server shutdown, once the grace period is over: stop the engine so no
+        engine process outlives us; requests still running end UNAVAILABLE."""
         async with self._load_lock:
-            await self._release()
+            await self._release(CUT_BY_SHUTDOWN, drain=0.0)
 
-    async def _release(self) -> None:
+    async def drain(self, seconds: float) -> None:
+        """Wait up to `seconds` for the running requests to end."""
+        if self._active:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self._idle.wait()
+
+    async def _release(self, reason: str, drain: float | None = None) -> None:
+        """Unload the model: new requests are refused at once, running ones
+        get `drain_seconds` to end, then the engine stops and what still runs
+        ends with UNAVAILABLE `reason`."""
         model, self.model = self.model, None
-        if model is not None:
-            gc.unfreeze()  # the model's objects must be collectable again
-            await model.close()
+        if model is None:
+            return
+        wait = self.drain_seconds if drain is None else drain
+        if wait > 0 and self._active:
+            log.info("waiting up to %.1fs for %d running requests", wait, self._active)
+            await self.drain(wait)
+        if self._active:
+            log.warning("stopping the engine with %d requests running: %s", self._active, reason)
+        model.engine.closing = reason
+        gc.unfreeze()  # the model's objects must be collectable again
+        await model.close()
 
     async def Status(
         self, request: pb.HealthMessage, context: grpc.aio.ServicerContext
@@ -213,12 +274,15 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             prep = await model.prepare(request, stream=False)
             started = time.monotonic()
             final = None
-            async for out in model.engine.generate(
-                prep.engine_input, prep.params, self._request_id(request), **prep.generate_kwargs
-            ):
-                final = out
-            if final is None:
-                raise Unavailable("the engine returned no output")
+            with _cut_reported(model):
+                async for out in model.engine.generate(
+                    prep.engine_input,
+                    prep.params,
+                    self._request_id(request),
+                    **prep.generate_kwargs,
+                ):
+                    final = out
+            model.engine.ensure_complete(final)
             result = model.unary_reply(prep, final, started)
             self.counters.add(result.prompt_tokens, result.tokens)
             return result
@@ -249,23 +313,36 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         prompt_tokens = 0
         chat = prep.chat
         tail = ChatPiece()
+        final = None
         try:
-            async for out in model.engine.generate(
-                prep.engine_input, prep.params, self._request_id(request), **prep.generate_kwargs
-            ):
-                if not first_at:
-                    first_at = time.monotonic()
-                    prompt_tokens = len(out.prompt_token_ids or ())
-                completion = out.outputs[0]
-                ids = completion.token_ids
-                completion_tokens += len(ids)
-                piece = state.feed(completion.text, ids, completion.logprobs, finished=out.finished)
-                if out.finished:
-                    # The last delta (with what the parser flushed) rides on
-                    # the final Reply together with usage.
-                    tail = piece
-                elif piece:
-                    await write(reply(piece, chat=chat, logprobs=state.chunk_logprobs()))
+            with _cut_reported(model):
+                async for out in model.engine.generate(
+                    prep.engine_input,
+                    prep.params,
+                    self._request_id(request),
+                    **prep.generate_kwargs,
+                ):
+                    if not first_at:
+                        first_at = time.monotonic()
+                        prompt_tokens = len(out.prompt_token_ids or ())
+                    completion = out.outputs[0]
+                    ids = completion.token_ids
+                    completion_tokens += len(ids)
+                    if out.finished:
+                        # Checked before the parser flushes: a cut request
+                        # sends no final piece and no usage.
+                        final = out
+                        model.engine.ensure_complete(out)
+                    piece = state.feed(
+                        completion.text, ids, completion.logprobs, finished=out.finished
+                    )
+                    if out.finished:
+                        # The last delta (with what the parser flushed) rides
+                        # on the final Reply together with usage.
+                        tail = piece
+                    elif piece:
+                        await write(reply(piece, chat=chat, logprobs=state.chunk_logprobs()))
+            model.engine.ensure_complete(final)
         finally:
             self.counters.add(prompt_tokens, completion_tokens)
         done = time.monotonic()

@@ -39,7 +39,9 @@ def reference(tiny_model_dir):
 
 def test_score_matches_transformers(loaded, reference):
     reply = loaded.stub.Score(
-        pb.ScoreRequest(prompt=PROMPT, candidates=CANDIDATES, include_token_logprobs=True),
+        pb.ScoreRequest(
+            prompt=PROMPT, candidates=CANDIDATES, include_token_logprobs=True, length_normalize=True
+        ),
         timeout=120,
     )
     assert len(reply.candidates) == len(CANDIDATES)
@@ -54,9 +56,24 @@ def test_score_matches_transformers(loaded, reference):
         assert "".join(t.token for t in got.tokens).strip() in cand or cand.strip().startswith("ü")
 
 
-def test_score_without_token_detail_and_bad_requests(loaded):
+def test_score_fills_only_what_its_flags_ask_for(loaded, reference):
+    """Without include_token_logprobs no per-token values; without
+    length_normalize no normalized score; the sum and count are always there."""
     reply = loaded.stub.Score(pb.ScoreRequest(prompt=PROMPT, candidates=[" Paris"]), timeout=60)
-    assert not reply.candidates[0].tokens and reply.candidates[0].num_tokens > 0
+    got = reply.candidates[0]
+    assert got.num_tokens == len(reference[" Paris"])
+    assert got.log_prob == pytest.approx(sum(reference[" Paris"]), abs=1e-3)
+    assert not got.tokens
+    assert got.length_normalized_log_prob == 0.0
+    reply = loaded.stub.Score(
+        pb.ScoreRequest(prompt=PROMPT, candidates=[" Paris"], length_normalize=True), timeout=60
+    )
+    expected = sum(reference[" Paris"]) / len(reference[" Paris"])
+    assert reply.candidates[0].length_normalized_log_prob == pytest.approx(expected, abs=1e-3)
+    assert not reply.candidates[0].tokens
+
+
+def test_score_bad_requests(loaded):
     with pytest.raises(grpc.RpcError) as err:
         loaded.stub.Score(pb.ScoreRequest(prompt=PROMPT), timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

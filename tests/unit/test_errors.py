@@ -50,3 +50,50 @@ def test_engine_generate_error_reports_its_cause():
 
 def test_internal_message_names_the_exception_type():
     assert "RuntimeError" in to_status(RuntimeError("boom"))[1]
+
+
+# Where vLLM 0.32 defines the classes the table names. A class renamed or moved
+# out of these modules must fail here: a renamed class would otherwise silently
+# fall through to INTERNAL.
+_VLLM_EXCEPTION_MODULES = ("vllm.exceptions", "vllm.v1.engine.exceptions")
+
+
+def _installed_vllm_exceptions() -> dict[str, type]:
+    import importlib
+
+    found: dict[str, type] = {}
+    for name in _VLLM_EXCEPTION_MODULES:
+        module = importlib.import_module(name)
+        for attr, value in vars(module).items():
+            if isinstance(value, type) and issubclass(value, BaseException):
+                found[attr] = value
+    return found
+
+
+def test_every_vllm_class_in_the_table_exists_in_the_installed_vllm():
+    from backend.errors import _VLLM_BY_NAME
+
+    installed = _installed_vllm_exceptions()
+    missing = sorted(set(_VLLM_BY_NAME) - set(installed))
+    assert not missing, f"the error table names classes this vLLM does not have: {missing}"
+
+
+def test_each_real_vllm_exception_maps_to_its_own_code():
+    """The first name found on the MRO wins: a real vLLM exception must map to
+    its own entry's code, not to a base class's or to INTERNAL."""
+    from backend.errors import _VLLM_BY_NAME
+
+    installed = _installed_vllm_exceptions()
+    for name, (code, _) in _VLLM_BY_NAME.items():
+        cls = installed[name]
+        assert to_status(_instance(cls))[0] == code, name
+
+
+def _instance(cls: type) -> BaseException:
+    """An instance of a real vLLM exception class (their constructors differ)."""
+    for args in ((), ("detail",), ("detail", "detail")):
+        try:
+            return cls(*args)
+        except TypeError:
+            continue
+    raise AssertionError(f"cannot construct {cls.__name__}")
