@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-_FALSE = {"0", "false", "no", "off", ""}
+from backend.switches import switch
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 TRANSPORTS = ("grpcio", "h2")  # backend/server.py: H2Server, GrpcioServer
@@ -49,10 +49,11 @@ class ServerConfig:
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None:
-        return default
-    return raw.strip().lower() not in _FALSE
+    """Unset or empty: the default; else a word of backend/switches.py."""
+    value = switch(env.get(name), empty=default)
+    if value is None:
+        raise SystemExit(f"{name}={env[name]!r}: use true/false (or 1/0, yes/no, on/off)")
+    return value
 
 
 def _number(env: Mapping[str, str], name: str, default: float) -> float:

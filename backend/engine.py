@@ -33,11 +33,9 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from backend.errors import InvalidArgument, Unavailable
 from backend.load_options import LoadPlan, closest
+from backend.switches import switch
 
 log = logging.getLogger(__name__)
-
-_TRUE = {"1", "true", "yes", "on", ""}
-_FALSE = {"0", "false", "no", "off"}
 
 
 class _ParserError(Exception):
@@ -90,12 +88,12 @@ class VllmFlagParser:
                     f"unknown vLLM engine flag {flag}{closest(flag, self._actions)}"
                 )
             if action.nargs == 0:  # a switch: store_true or BooleanOptionalAction
-                text = (value or "").strip().lower()
-                if text not in _TRUE | _FALSE:
+                on = switch(value, empty=True)  # a bare switch is on
+                if on is None:
                     raise InvalidArgument(f"{flag} is a switch; {value!r} is not true/false")
                 # `--no-x` stores False for x; `--no-x:false` means x stays on.
                 negated = flag.startswith("--no-") and flag[5:].replace("-", "_") == action.dest
-                direct[action.dest] = (text in _TRUE) != negated
+                direct[action.dest] = on != negated
                 continue
             if value is None or value == "":
                 raise InvalidArgument(f"{flag} needs a value")

@@ -48,10 +48,6 @@ class Overloaded(BackendError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class Unimplemented(BackendError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-
 # vLLM class name → (code, message prefix). The first name found walking the
 # exception's MRO wins, so subclasses are listed before their bases.
 _VLLM_BY_NAME: dict[str, tuple[grpc.StatusCode, str]] = {

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from backend import peer_json
 from backend.errors import InvalidArgument
 from backend.load_options import closest
 
@@ -251,13 +252,6 @@ def _long(action: argparse.Action) -> str:
     return next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
 
 
-def _json_or_text(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def _plain(value: Any) -> bool:
     """JSON data (what the gateway can carry in engine_args), not a vLLM object."""
     if isinstance(value, dict):
@@ -325,7 +319,7 @@ class _Importer:
                 *parents, leaf = path.split(".")
                 for key in parents:
                     node = node.setdefault(key, {})
-                node[leaf] = _json_or_text(values[0])
+                node[leaf] = peer_json.loads_or_text(values[0])
                 continue
             i = self._flag(name, inline, args, i)
 
@@ -369,7 +363,7 @@ class _Importer:
                 "--config: options in a YAML file are not read; put its flags in the command"
             )
         if name == "--default-chat-template-kwargs":
-            kwargs = _json_or_text(value)
+            kwargs = peer_json.loads_or_text(value)
             if not isinstance(kwargs, dict):
                 raise CommandError(f"{name} must be a JSON object, got {value!r}")
             self.chat_template_kwargs = kwargs
@@ -440,7 +434,9 @@ def convert(command: str | Sequence[str], parser: VllmFlagParser | None = None) 
         elif dest in _TYPED and _TYPED[dest][1](value):
             cfg.typed[_TYPED[dest][0]] = value
         elif _plain(value) and not (
-            isinstance(flag.raw, str) and flag.raw[:1] in "{[" and _json_or_text(flag.raw) != value
+            isinstance(flag.raw, str)
+            and flag.raw[:1] in "{["
+            and peer_json.loads_or_text(flag.raw) != value
         ):
             cfg.engine_args[dest] = value
         else:

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from backend import peer_json
 from backend.errors import InvalidArgument
 
 # Options keys that configure this backend rather than the engine.
@@ -250,14 +251,6 @@ def typed_fields(opts: ModelOptionsLike) -> tuple[dict[str, Any], list[str]]:
 DEFAULT_DRAFT_TOKENS = 3
 
 
-def _scalar(text: str) -> Any:
-    """`1` → 1, `true` → True, `{"a": 1}` → dict; anything else stays a string."""
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return text
-
-
 def parse_overrides(entries: Sequence[str]) -> dict[str, Any]:
     """`Overrides[]` → vLLM `hf_overrides`: `key=value` entries (values JSON
     when they parse: numbers, booleans, objects) or whole JSON objects, merged
@@ -268,10 +261,7 @@ def parse_overrides(entries: Sequence[str]) -> dict[str, Any]:
         if not text:
             continue
         if text.startswith("{"):
-            try:
-                data = json.loads(text)
-            except (ValueError, RecursionError) as e:  # JSONDecodeError, huge ints, deep nesting
-                raise InvalidArgument(f"Overrides entry is not valid JSON: {e}") from None
+            data = peer_json.loads(text, "Overrides entry")
             if not isinstance(data, dict):
                 raise InvalidArgument("Overrides JSON entries must be objects")
             out.update(data)
@@ -279,7 +269,7 @@ def parse_overrides(entries: Sequence[str]) -> dict[str, Any]:
         key, sep, value = text.partition("=")
         if not sep or not key.strip():
             raise InvalidArgument(f"Overrides entry {entry!r} must be key=value or a JSON object")
-        out[key.strip()] = _scalar(value.strip())
+        out[key.strip()] = peer_json.loads_or_text(value.strip())
     return out
 
 
@@ -366,10 +356,7 @@ def engine_args_layer(raw: str, parser: FlagParser) -> dict[str, Any]:
     field_names = parser.field_names
     if not raw.strip():
         return {}
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, huge ints, deep nesting
-        raise InvalidArgument(f"EngineArgs is not valid JSON: {e}") from None
+    data = peer_json.loads(raw, "EngineArgs")
     if not isinstance(data, dict):
         raise InvalidArgument("EngineArgs must be a JSON object of vLLM engine arguments")
     out: dict[str, Any] = {}

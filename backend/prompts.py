@@ -12,11 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from backend import peer_json
 from backend.errors import InvalidArgument
+from backend.switches import switch
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 
 class MessageLike(Protocol):
@@ -58,13 +58,6 @@ class ChatInput:
     skip_special_tokens: bool | None = None
 
 
-def _json(text: str, what: str) -> Any:
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, huge ints, deep nesting
-        raise InvalidArgument(f"{what} is not valid JSON: {e}") from None
-
-
 def parse_tool_calls(raw: str, where: str) -> list[dict[str, Any]]:
     """A message's `tool_calls` JSON (OpenAI format), validated.
 
@@ -74,7 +67,7 @@ def parse_tool_calls(raw: str, where: str) -> list[dict[str, Any]]:
     checked here and bad JSON is an error instead. An object given where the
     string belongs is encoded.
     """
-    calls = _json(raw, f"{where}.tool_calls")
+    calls = peer_json.loads(raw, f"{where}.tool_calls")
     if not isinstance(calls, list):
         raise InvalidArgument(f"{where}.tool_calls must be a JSON array")
     out: list[dict[str, Any]] = []
@@ -89,12 +82,7 @@ def parse_tool_calls(raw: str, where: str) -> list[dict[str, Any]]:
             if not args.strip():
                 args = "{}"
             else:
-                try:
-                    json.loads(args)
-                except (ValueError, RecursionError):
-                    raise InvalidArgument(
-                        f"{where}.tool_calls[{i}].function.arguments is not valid JSON"
-                    ) from None
+                peer_json.loads(args, f"{where}.tool_calls[{i}].function.arguments")
         else:
             args = json.dumps(args)
         call = dict(call)
@@ -133,7 +121,7 @@ def convert_messages(messages: Sequence[MessageLike]) -> list[dict[str, Any]]:
 def parse_tools(raw: str) -> list[dict[str, Any]] | None:
     if not raw.strip():
         return None
-    tools = _json(raw, "Tools")
+    tools = peer_json.loads(raw, "Tools")
     if not isinstance(tools, list):
         raise InvalidArgument("Tools must be a JSON array of OpenAI tool definitions")
     for i, tool in enumerate(tools):
@@ -157,7 +145,7 @@ def parse_tool_choice(raw: str, tools: list[dict[str, Any]] | None) -> ToolChoic
         return ToolChoice("auto")
     value: Any = text
     if text[0] in '{"':
-        value = _json(text, "ToolChoice")
+        value = peer_json.loads(text, "ToolChoice")
     if isinstance(value, str):
         mode = value.strip().lower()
         if mode not in ("none", "auto", "required"):
@@ -184,12 +172,10 @@ def parse_tool_choice(raw: str, tools: list[dict[str, Any]] | None) -> ToolChoic
 
 
 def _bool(value: str, key: str) -> bool:
-    text = value.strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise InvalidArgument(f"Metadata[{key!r}] must be true or false, got {value!r}")
+    on = switch(value, empty=None)
+    if on is None:
+        raise InvalidArgument(f"Metadata[{key!r}] must be true or false, got {value!r}")
+    return on
 
 
 def template_kwargs(metadata: Mapping[str, str]) -> tuple[dict[str, Any], bool | None]:
@@ -197,7 +183,7 @@ def template_kwargs(metadata: Mapping[str, str]) -> tuple[dict[str, Any], bool |
     kwargs: dict[str, Any] = {}
     raw = metadata.get("chat_template_kwargs", "")
     if raw.strip():
-        data = _json(raw, "Metadata['chat_template_kwargs']")
+        data = peer_json.loads(raw, "Metadata['chat_template_kwargs']")
         if not isinstance(data, dict):
             raise InvalidArgument("Metadata['chat_template_kwargs'] must be a JSON object")
         kwargs.update(data)

@@ -34,10 +34,10 @@ This module is pure: the engine module turns the returned dict into
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Protocol
 
+from backend import peer_json
 from backend.errors import InvalidArgument
 
 # Mirrors OpenAI's documented range and vLLM's check.
@@ -150,10 +150,7 @@ def sampling_kwargs(req: SamplingRequest) -> dict[str, Any]:
 
 
 def parse_logit_bias(raw: str) -> dict[int, float]:
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, huge ints, deep nesting
-        raise InvalidArgument(f"LogitBias is not valid JSON: {e}") from None
+    data = peer_json.loads(raw, "LogitBias")
     if not isinstance(data, dict):
         raise InvalidArgument("LogitBias must be a JSON object {token id: bias}")
     out: dict[int, float] = {}
@@ -183,12 +180,7 @@ def structured_output(grammar: str) -> dict[str, Any]:
     """
     text = grammar.strip()
     if text.startswith(("{", "[")):
-        try:
-            schema = json.loads(text)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, huge ints, deep nesting
-            raise InvalidArgument(
-                f"Grammar looks like a JSON schema but is not valid JSON: {e}"
-            ) from None
+        schema = peer_json.loads(text, "Grammar (it looks like a JSON schema)")
         if not isinstance(schema, dict):
             raise InvalidArgument("Grammar JSON schema must be a JSON object")
         return {"json": schema}

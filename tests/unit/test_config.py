@@ -14,6 +14,29 @@ def test_defaults():
     assert config.max_concurrent_requests == 0
     assert config.parent_watch is True
     assert config.exit_on_engine_death is False
+    assert config.transport == "grpcio"
+    assert config.drain_seconds == 0.0 and config.grace_seconds == 10.0
+
+
+@pytest.mark.parametrize(
+    ("raw", "watch"),
+    [("", True), ("  ", True), ("0", False), ("off", False), ("No", False), ("TRUE", True)],
+)
+def test_switch_variables_share_one_vocabulary_and_empty_means_default(raw, watch):
+    """An empty LOCALAI_BACKEND_PARENT_WATCH used to turn the watch off."""
+    assert parse_config([], env={"LOCALAI_BACKEND_PARENT_WATCH": raw}).parent_watch is watch
+
+
+def test_a_switch_variable_with_another_word_is_refused():
+    with pytest.raises(SystemExit, match="BACKEND_EXIT_ON_ENGINE_DEATH='maybe'"):
+        parse_config([], env={"BACKEND_EXIT_ON_ENGINE_DEATH": "maybe"})
+
+
+def test_drain_and_grace_seconds():
+    env = {"BACKEND_DRAIN_SECONDS": "7.5", "BACKEND_GRACE_SECONDS": "3"}
+    config = parse_config([], env=env)
+    assert (config.drain_seconds, config.grace_seconds) == (7.5, 3.0)
+    assert parse_config(["--drain-seconds", "-1"], env={}).drain_seconds == 0.0
 
 
 def test_cli_wins_over_environment():
