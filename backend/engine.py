@@ -6,18 +6,15 @@ prompts and reading its tokenizer is here; the servicer sees `Engine`.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import logging
-import multiprocessing
-import os
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
-from vllm import PoolingParams, SamplingParams, envs
+from vllm import PoolingParams, SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -28,93 +25,18 @@ from vllm.renderers.inputs.preprocess import parse_model_prompt
 from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.tool_parsers import ToolParserManager
-from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from backend.engine_processes import (
+    reap_children,
+    remove_leftover_segments,
+    shm_segments,
+    shutdown_timeout,
+)
 from backend.errors import InvalidArgument, Unavailable
-from backend.load_options import LoadPlan, closest
-from backend.switches import switch
+from backend.load_options import LoadPlan
 
 log = logging.getLogger(__name__)
-
-
-class _ParserError(Exception):
-    pass
-
-
-class _RaisingParser(FlexibleArgumentParser):
-    """vLLM's parser, but errors raise instead of exiting the process."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise _ParserError(message)
-
-
-class VllmFlagParser:
-    """`FlagParser` backed by vLLM's own `EngineArgs` CLI definition.
-
-    Values are coerced exactly as `vllm serve` coerces them (JSON for config
-    objects, choices checked, booleans with `--no-` forms). All defaults are
-    suppressed so only the flags given come back.
-    """
-
-    def __init__(self) -> None:
-        parser = _RaisingParser(add_help=False)
-        AsyncEngineArgs.add_cli_args(parser)
-        self._actions: dict[str, argparse.Action] = {}
-        for action in parser._actions:
-            action.default = argparse.SUPPRESS
-            action.required = False
-            for opt in action.option_strings:
-                self._actions[opt] = action
-        self._parser = parser
-        import dataclasses
-
-        self.field_names = frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
-
-    def option_for(self, key: str) -> str | None:
-        dashed = key.replace("_", "-")
-        for option in ("--" + dashed, "-" + dashed):
-            if option in self._actions:
-                return option
-        return None
-
-    def parse(self, flags: Sequence[tuple[str, str | None]]) -> dict[str, Any]:
-        argv: list[str] = []
-        direct: dict[str, Any] = {}
-        for flag, value in flags:
-            action = self._actions.get(flag)
-            if action is None:
-                raise InvalidArgument(
-                    f"unknown vLLM engine flag {flag}{closest(flag, self._actions)}"
-                )
-            if action.nargs == 0:  # a switch: store_true or BooleanOptionalAction
-                on = switch(value, empty=True)  # a bare switch is on
-                if on is None:
-                    raise InvalidArgument(f"{flag} is a switch; {value!r} is not true/false")
-                # `--no-x` stores False for x; `--no-x:false` means x stays on.
-                negated = flag.startswith("--no-") and flag[5:].replace("-", "_") == action.dest
-                direct[action.dest] = on != negated
-                continue
-            if value is None or value == "":
-                raise InvalidArgument(f"{flag} needs a value")
-            argv += [flag, value]
-        try:
-            parsed = vars(self._parser.parse_args(argv))
-        except _ParserError as e:
-            raise InvalidArgument(f"bad engine option: {e}") from None
-        parsed.update(direct)
-        return parsed
-
-
-_flag_parser: VllmFlagParser | None = None
-
-
-def flag_parser() -> VllmFlagParser:
-    """Built once per process (~1 s: vLLM builds ~250 argparse actions)."""
-    global _flag_parser
-    if _flag_parser is None:
-        _flag_parser = VllmFlagParser()
-    return _flag_parser
 
 
 def known_parsers() -> tuple[list[str], list[str]]:
@@ -152,88 +74,6 @@ def sampling_params(kwargs: dict[str, Any], *, stream: bool) -> SamplingParams:
         if type(e).__name__ == "VLLMValidationError":
             raise InvalidArgument(f"invalid sampling parameters: {e}") from None
         raise
-
-
-def _reap_children(timeout: float = 10.0) -> None:
-    """Wait for the engine processes vLLM just stopped (it kills them but
-    does not always wait, which leaves zombies behind)."""
-    deadline = time.monotonic() + timeout
-    for child in multiprocessing.active_children():
-        child.join(max(0.0, deadline - time.monotonic()))
-
-
-_SHM_DIR = "/dev/shm"
-
-# After its own grace period, a stopping core SIGTERMs its VLLM::Worker and
-# waits this long before SIGKILL (multiproc_executor._ensure_worker_termination).
-_EXECUTOR_SIGTERM_WAIT_S = 4.0
-
-
-def shutdown_timeout() -> float:
-    """How long the engine core gets to stop before vLLM SIGKILLs it.
-
-    AsyncLLM.shutdown() without a timeout allows 5 s, the same 5 s
-    (VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS) the core itself may spend waiting
-    for its VLLM::Worker: a worker that takes 3 s to exit (torch teardown on a
-    busy CPU) leaves the core too little time and it is killed mid-teardown,
-    leaking its /dev/shm ring buffer. We give the core its whole escalation
-    (grace, SIGTERM wait) plus slack; a clean stop still takes what it takes."""
-    return float(envs.VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS) + _EXECUTOR_SIGTERM_WAIT_S + 3.0
-
-
-def _shm_segments() -> set[str]:
-    """Python/vLLM shared-memory segments (`psm_*`) present now."""
-    try:
-        return {n for n in os.listdir(_SHM_DIR) if n.startswith("psm_")}
-    except OSError:
-        return set()
-
-
-def _mapped_segments() -> set[str]:
-    """Segments some live process still maps (never removed)."""
-    mapped: set[str] = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    at = line.find(_SHM_DIR + "/psm_")
-                    if at >= 0:
-                        mapped.add(line[at + len(_SHM_DIR) + 1 :].split()[0])
-        except OSError:
-            continue
-    return mapped
-
-
-def _remove_leftover_segments(before: set[str]) -> None:
-    """Unlink the segments our engine created and left behind.
-
-    vLLM force-kills an engine core that does not stop within its timeout;
-    the core's shared-memory ring buffer then stays in /dev/shm until the
-    worker exits. Only segments that appeared while this engine ran and that
-    no process maps any more are removed (and dropped from Python's resource
-    tracker, which would otherwise warn about them at exit).
-    """
-    from multiprocessing import resource_tracker
-
-    leftovers = _shm_segments() - before
-    if not leftovers:
-        return
-    leftovers -= _mapped_segments()
-    for name in sorted(leftovers):
-        try:
-            os.unlink(os.path.join(_SHM_DIR, name))
-        except OSError:
-            continue
-        try:
-            resource_tracker.unregister("/" + name, "shared_memory")
-        except Exception:  # the tracker may not know it; nothing to undo
-            log.debug("resource tracker did not know %s", name)
-    if leftovers:
-        log.info(
-            "removed %d shared-memory segment(s) the stopped engine left behind", len(leftovers)
-        )
 
 
 _Out = TypeVar("_Out")
@@ -288,7 +128,7 @@ class Engine:
         except TypeError as e:
             raise InvalidArgument(f"bad engine arguments: {e}") from None
         started = time.monotonic()
-        shm_before = _shm_segments()
+        shm_before = shm_segments()
         starting = asyncio.get_running_loop().run_in_executor(None, AsyncLLM.from_engine_args, args)
         try:
             llm = await asyncio.shield(starting)
@@ -303,7 +143,7 @@ class Engine:
             except Exception:
                 raise asyncio.CancelledError() from None  # the start failed: nothing to stop
             await asyncio.to_thread(orphan.shutdown, shutdown_timeout())
-            await asyncio.to_thread(_reap_children)
+            await asyncio.to_thread(reap_children)
             raise
         try:
             llm._run_output_handler()
@@ -519,6 +359,6 @@ class Engine:
             # The engine may already be dead; its processes are gone either way.
             log.warning("engine shutdown reported an error", exc_info=True)
         del llm
-        await asyncio.to_thread(_reap_children)
-        await asyncio.to_thread(_remove_leftover_segments, self._shm_before)
+        await asyncio.to_thread(reap_children)
+        await asyncio.to_thread(remove_leftover_segments, self._shm_before)
         gc.collect()

@@ -17,7 +17,7 @@ with the same engine:
   worker's parser builds the same object.
 
 Every engine flag goes through vLLM's engine-argument parser
-(`backend.engine.flag_parser()`, imported lazily: this module imports no vLLM).
+(`backend.vllm_flags.flag_parser()`, imported lazily: this module imports no vLLM).
 `vllm serve` flags that are not engine arguments are listed in `_SERVER_FLAGS`:
 those with a meaning here are mapped, the others dropped with a YAML comment
 saying why. Any other flag is an error naming the closest valid one.
@@ -42,7 +42,7 @@ from backend.load_options import closest
 if TYPE_CHECKING:
     import argparse
 
-    from backend.engine import VllmFlagParser
+    from backend.vllm_flags import VllmFlagParser
 
 USAGE = """\
 usage: python -m backend import-command "vllm serve MODEL [flags]"
@@ -283,7 +283,7 @@ class _Importer:
     @property
     def parser(self) -> VllmFlagParser:
         if self._parser is None:
-            from backend.engine import flag_parser
+            from backend.vllm_flags import flag_parser
 
             self._parser = flag_parser()
         return self._parser

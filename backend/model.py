@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend import engine as eng
-from backend import lora, media, prompts, scoring
+from backend import lora, media, prompts, scoring, vllm_flags
 from backend.errors import FailedPrecondition, InvalidArgument
 from backend.gen import backend_pb2 as pb
 from backend.load_options import LoadPlan, build_load_plan, describe
@@ -84,7 +84,7 @@ class LoadedModel:
     async def validate(cls, request: pb.ModelOptions) -> tuple[LoadPlan, str | None]:
         """Everything about a LoadModel that can be checked without starting
         the engine: a request that fails here leaves the serving model alone."""
-        parser = await asyncio.to_thread(eng.flag_parser)
+        parser = await asyncio.to_thread(vllm_flags.flag_parser)
         plan = build_load_plan(request, parser)
         for warning in plan.warnings:
             log.warning("LoadModel: %s", warning)

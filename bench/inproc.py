@@ -34,9 +34,9 @@ async def amain(fd: int) -> None:
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from backend.engine import flag_parser
     from backend.gen import backend_pb2 as pb
     from backend.load_options import build_load_plan
+    from backend.vllm_flags import flag_parser
 
     state: dict[str, Any] = {}
     ids = itertools.count()

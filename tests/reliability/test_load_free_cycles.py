@@ -160,7 +160,7 @@ FORCE_KILL = "force killing remaining process EngineCore"
 def test_free_stops_the_engine_core_without_killing_it(run):
     # vLLM's default 5 s before SIGKILL equals the core's own wait for its
     # VLLM::Worker, so a slow worker exit used to get the core killed
-    # mid-teardown (engine.shutdown_timeout gives it its whole escalation).
+    # mid-teardown (engine_processes.shutdown_timeout gives it its whole escalation).
     kills = run.log.count(FORCE_KILL)
     assert kills == 0, f"{kills} forced kills of the engine core in {CYCLES} Free calls"
 

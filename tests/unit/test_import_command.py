@@ -27,10 +27,9 @@ import pytest
 import yaml
 
 from backend import import_command as ic
+from backend import vllm_flags  # needs vLLM: tests/unit runs in the installed venv
 from backend.load_options import build_load_plan
 from tests.unit.fakes import FakeModelOptions
-
-engine = pytest.importorskip("backend.engine")
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,7 +48,7 @@ NO_CONTEXT = {"max_model_len": None}  # what a command without --max-model-len a
 
 @pytest.fixture(scope="module")
 def parser():
-    return engine.flag_parser()
+    return vllm_flags.flag_parser()
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +110,7 @@ def serve_argv(command: str) -> list[str]:
 
 def _defaults() -> dict[str, Any]:
     out = {}
-    for f in dataclasses.fields(engine.AsyncEngineArgs):
+    for f in dataclasses.fields(vllm_flags.AsyncEngineArgs):
         if f.default is not dataclasses.MISSING:
             out[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import vllm  # noqa: F401  (explicit: these tests use vLLM's real parsers)
 
 from backend.parsing import OutputState
-
-pytest.importorskip("vllm")
 
 WEATHER = {
     "type": "function",

@@ -4,16 +4,15 @@ import json
 
 import pytest
 
+from backend import vllm_flags  # needs vLLM: tests/unit runs in the installed venv
 from backend.errors import InvalidArgument
 from backend.load_options import build_load_plan
 from tests.unit.fakes import FakeModelOptions
 
-engine = pytest.importorskip("backend.engine")
-
 
 @pytest.fixture(scope="module")
 def parser():
-    return engine.flag_parser()
+    return vllm_flags.flag_parser()
 
 
 def test_cli_flags_are_coerced_to_engine_types(parser):
@@ -85,13 +84,13 @@ def test_distributed_settings_pass_straight_to_vllm(parser):
 def test_eager_mode_is_chosen_when_no_compiler_exists(monkeypatch):
     from backend import model
 
-    plan = build_load_plan(FakeModelOptions(), engine.flag_parser())
+    plan = build_load_plan(FakeModelOptions(), vllm_flags.flag_parser())
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(model.shutil, "which", lambda name: None)
     model._eager_without_compiler(plan)
     assert plan.engine_kwargs["enforce_eager"] is True
     explicit = build_load_plan(
-        FakeModelOptions(Options=["--enforce-eager:false"]), engine.flag_parser()
+        FakeModelOptions(Options=["--enforce-eager:false"]), vllm_flags.flag_parser()
     )
     model._eager_without_compiler(explicit)
     assert explicit.engine_kwargs["enforce_eager"] is False
