@@ -30,6 +30,7 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.tool_parsers import ToolParserManager
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.prometheus import unregister_vllm_metrics
 
 from backend.errors import InvalidArgument
 from backend.load_options import LoadPlan, closest
@@ -484,6 +485,9 @@ class Engine:
             # The engine may already be dead; its processes are gone either way.
             log.warning("engine shutdown reported an error", exc_info=True)
         del llm
+        # Its `vllm:*` collectors stay on prometheus_client's REGISTRY until
+        # the next AsyncLLM replaces them; a freed worker exports none.
+        unregister_vllm_metrics()
         await asyncio.to_thread(_reap_children)
         await asyncio.to_thread(_remove_leftover_segments, self._shm_before)
         gc.collect()

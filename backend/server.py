@@ -157,6 +157,12 @@ async def serve(config: ServerConfig) -> int:
     servicer = BackendServicer(config)
     server = make_server(config, servicer)
     await server.listen()
+    metrics_server = None
+    if config.metrics_addr:
+        from backend.metrics import MetricsServer
+
+        metrics_server = MetricsServer(config.metrics_addr, servicer.counters)
+        metrics_server.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -197,5 +203,7 @@ async def serve(config: ServerConfig) -> int:
         # the engine so no engine process outlives us.
         await server.stop(config.grace_seconds)
         await servicer.close()
+        if metrics_server is not None:
+            metrics_server.stop()
         log.info("stopped")
     return exit_code

@@ -28,7 +28,7 @@ from backend.config import ServerConfig
 from backend.errors import FailedPrecondition, NotLoaded, Overloaded, Unavailable, to_status
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
-from backend.metadata import Counters
+from backend.metrics import WorkerMetrics
 from backend.model import LoadedModel, Prepared, model_metadata, score
 from backend.replies import ChatPiece, Usage, reply
 
@@ -41,10 +41,15 @@ def _unary(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(method)
     async def wrapper(self: BackendServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
-            return await method(self, request, context)
+            result = await method(self, request, context)
+        except asyncio.CancelledError:
+            self.counters.rpc_done(method.__name__, "CANCELLED")
+            raise
         except Exception as exc:  # every failure becomes a status, in one place
             await self._abort(context, exc, method.__name__)
             raise  # unreachable: context.abort raises
+        self.counters.rpc_done(method.__name__, "OK")
+        return result
 
     return wrapper
 
@@ -58,12 +63,18 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         self._loading = False
         self._active = 0
         self._ids = itertools.count(1)
-        self.counters = Counters()
+        self.counters = WorkerMetrics(self._model_name, lambda: self._active)
 
     # ---- plumbing -----------------------------------------------------------
 
+    def _model_name(self) -> str:
+        """The metrics label: vLLM's served model name, as on its own `vllm:*` metrics."""
+        model = self.model
+        return str(model.engine.model_config.served_model_name) if model is not None else ""
+
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, rpc: str) -> None:
         code, message = to_status(exc)
+        self.counters.rpc_done(rpc, code.name)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("%s failed", rpc)
         elif self.config.debug_requests:
@@ -304,11 +315,11 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     async def GetMetrics(
         self, request: pb.MetricsRequest, context: grpc.aio.ServicerContext
     ) -> pb.MetricsResponse:
-        counters = self.counters
+        counters = self.counters  # backend/metrics.py documents each field
         return pb.MetricsResponse(
             tokens_per_second=counters.tokens_per_second(),
-            tokens_generated=counters.generated_tokens,
-            prompt_tokens_processed=counters.prompt_tokens,
+            tokens_generated=counters.generated_tokens_total,
+            prompt_tokens_processed=counters.prompt_tokens_total,
         )
 
     @_unary
