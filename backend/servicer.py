@@ -315,7 +315,13 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     async def GetMetrics(
         self, request: pb.MetricsRequest, context: grpc.aio.ServicerContext
     ) -> pb.MetricsResponse:
-        counters = self.counters  # backend/metrics.py documents each field
+        """The worker's Prometheus counters (backend/metrics.py), all models together.
+
+        tokens_per_second: tokens generated per second since the previous
+        GetMetrics call (or start-up), all requests together; tokens_generated
+        and prompt_tokens_processed: totals since start-up (int32: they stop at
+        2**31-1 here, the Prometheus counters do not)."""
+        counters = self.counters
         return pb.MetricsResponse(
             tokens_per_second=counters.tokens_per_second(),
             tokens_generated=counters.generated_tokens_total,
