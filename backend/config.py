@@ -46,6 +46,8 @@ class ServerConfig:
     # server on the event loop (backend/h2grpc.py), an explicit opt-in while
     # it is not yet hardened against hostile peers (README, issue 11).
     transport: str = "grpcio"
+    # HOST:PORT of the Prometheus endpoint (backend/metrics.py); None = off.
+    metrics_addr: str | None = None
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -114,7 +116,19 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> Se
         default=env.get("BACKEND_TRANSPORT", "grpcio"),
         help="gRPC server: grpcio (grpc.aio, default) or h2 (HTTP/2 on the event loop, opt-in)",
     )
+    parser.add_argument(
+        "--metrics-addr",
+        default=env.get("BACKEND_METRICS_ADDR") or None,
+        help="serve Prometheus metrics over HTTP on HOST:PORT (a bare PORT: loopback; default off)",
+    )
     args = parser.parse_args(list(argv))
+    metrics_addr = None
+    if args.metrics_addr:
+        try:
+            host, port = split_addr(args.metrics_addr)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        metrics_addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if args.transport not in TRANSPORTS:
         raise SystemExit(
             f"BACKEND_TRANSPORT={args.transport!r}: choose one of {', '.join(TRANSPORTS)}"
@@ -134,7 +148,19 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> Se
         debug_requests=args.debug_requests,
         event_loop=_event_loop(args.event_loop),
         transport=args.transport,
+        metrics_addr=metrics_addr,
     )
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[V6]:PORT`, `:PORT` or `PORT` → (host, port); loopback when no host."""
+    host, sep, port = addr.rpartition(":")
+    if not sep:
+        host, port = "", addr
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"metrics address {addr!r}: expected HOST:PORT")
+    return host, int(port)
 
 
 def _event_loop(choice: str) -> str:

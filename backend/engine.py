@@ -26,6 +26,7 @@ from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.tool_parsers import ToolParserManager
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.prometheus import unregister_vllm_metrics
 
 from backend.engine_processes import (
     reap_children,
@@ -359,6 +360,9 @@ class Engine:
             # The engine may already be dead; its processes are gone either way.
             log.warning("engine shutdown reported an error", exc_info=True)
         del llm
+        # Its `vllm:*` collectors stay on prometheus_client's REGISTRY until
+        # the next AsyncLLM replaces them; a freed worker exports none.
+        unregister_vllm_metrics()
         await asyncio.to_thread(reap_children)
         await asyncio.to_thread(remove_leftover_segments, self._shm_before)
         gc.collect()

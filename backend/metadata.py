@@ -1,4 +1,4 @@
-"""ModelMetadata and GetMetrics: what the gateway learns about the loaded model.
+"""ModelMetadata: what the gateway learns about the loaded model (GetMetrics: backend/metrics.py).
 
 The tool-format markers describe, for the tool parser in use, how the model
 writes a call, so a gateway that parses text itself (or builds grammars) can
@@ -8,8 +8,6 @@ listed; for others `format_type` alone says what the parser is.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 _HERMES = {
@@ -92,29 +90,3 @@ def tool_format(tool_parser: str | None, reasoning_parser: str | None) -> dict[s
     if reasoning_parser in REASONING_MARKERS:
         markers["reasoning_start"], markers["reasoning_end"] = REASONING_MARKERS[reasoning_parser]
     return markers
-
-
-@dataclass
-class Counters:
-    """Tokens served since start-up, and a throughput window for GetMetrics.
-
-    `tokens_per_second` is generated tokens per second since the previous
-    GetMetrics call (or since the first request), i.e. the worker's current
-    decode throughput across all concurrent requests.
-    """
-
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    _window_start: float = field(default_factory=time.monotonic)
-    _window_tokens: int = 0
-
-    def add(self, prompt_tokens: int, generated_tokens: int) -> None:
-        self.prompt_tokens += prompt_tokens
-        self.generated_tokens += generated_tokens
-
-    def tokens_per_second(self) -> float:
-        now = time.monotonic()
-        elapsed = now - self._window_start
-        delta = self.generated_tokens - self._window_tokens
-        self._window_start, self._window_tokens = now, self.generated_tokens
-        return delta / elapsed if elapsed > 0 else 0.0

@@ -160,6 +160,12 @@ async def serve(config: ServerConfig) -> int:
     servicer = BackendServicer(config)
     server = make_server(config, servicer)
     await server.listen()
+    metrics_server = None
+    if config.metrics_addr:
+        from backend.metrics import MetricsServer
+
+        metrics_server = MetricsServer(config.metrics_addr, servicer.counters)
+        metrics_server.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -203,5 +209,7 @@ async def serve(config: ServerConfig) -> int:
         await servicer.drain(config.grace_seconds)
         await servicer.close()
         await stopping
+        if metrics_server is not None:
+            metrics_server.stop()
         log.info("stopped")
     return exit_code

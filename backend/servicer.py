@@ -35,7 +35,7 @@ from backend.errors import (
 )
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
-from backend.metadata import Counters
+from backend.metrics import WorkerMetrics
 from backend.model import LoadedModel, Prepared, model_metadata, score
 from backend.replies import ChatPiece, Usage, reply
 
@@ -73,12 +73,17 @@ def _unary(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(method)
     async def wrapper(self: BackendServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
-            return await method(self, request, context)
+            result = await method(self, request, context)
+        except asyncio.CancelledError:
+            self.counters.rpc_done(method.__name__, "CANCELLED")
+            raise
         except grpc.aio.AbortError:
             raise  # context.abort already ran (in the handler): its status stands
         except Exception as exc:  # every failure becomes a status, in one place
             await self._abort(context, exc, method.__name__)
             raise  # unreachable: context.abort raises
+        self.counters.rpc_done(method.__name__, "OK")
+        return result
 
     return wrapper
 
@@ -97,12 +102,18 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         # before the engine is stopped and the rest are cut.
         self.drain_seconds = config.drain_seconds
         self._ids = itertools.count(1)
-        self.counters = Counters()
+        self.counters = WorkerMetrics(self._model_name, lambda: self._active)
 
     # ---- plumbing -----------------------------------------------------------
 
+    def _model_name(self) -> str:
+        """The metrics label: vLLM's served model name, as on its own `vllm:*` metrics."""
+        model = self.model
+        return str(model.engine.model_config.served_model_name) if model is not None else ""
+
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, rpc: str) -> None:
         code, message = to_status(exc)
+        self.counters.rpc_done(rpc, code.name)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("%s failed", rpc)
         elif self.config.debug_requests:
@@ -381,11 +392,17 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     async def GetMetrics(
         self, request: pb.MetricsRequest, context: grpc.aio.ServicerContext
     ) -> pb.MetricsResponse:
+        """The worker's Prometheus counters (backend/metrics.py), all models together.
+
+        tokens_per_second: tokens generated per second since the previous
+        GetMetrics call (or start-up), all requests together; tokens_generated
+        and prompt_tokens_processed: totals since start-up (int32: they stop at
+        2**31-1 here, the Prometheus counters do not)."""
         counters = self.counters
         return pb.MetricsResponse(
             tokens_per_second=counters.tokens_per_second(),
-            tokens_generated=counters.generated_tokens,
-            prompt_tokens_processed=counters.prompt_tokens,
+            tokens_generated=counters.generated_tokens_total,
+            prompt_tokens_processed=counters.prompt_tokens_total,
         )
 
     @_unary
