@@ -274,6 +274,8 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         finally:
             self.counters.add(prompt_tokens, completion_tokens)
         done = time.monotonic()
+        if self.config.debug_requests:
+            log.info("request %s: generation finished, %d tokens", rid, completion_tokens)
         usage = Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,

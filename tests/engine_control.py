@@ -69,21 +69,35 @@ def stopped(core: psutil.Process) -> Iterator[psutil.Process]:
         resume(core)
 
 
-def first_outputs(log_path: Path, correlation_ids: list[str], since: int = 0) -> set[str]:
-    """Which of these requests' streams have had their first output (worker log,
-    `--debug-requests`), looking at the log from byte offset `since`."""
+FIRST_OUTPUT = "first output after"
+FINISHED = "generation finished"
+
+
+def logged(log_path: Path, correlation_ids: list[str], event: str, since: int = 0) -> set[str]:
+    """Which of these requests' streams the worker logged `event` for
+    (`--debug-requests`), looking at the log from byte offset `since`."""
     with open(log_path, "rb") as f:
         f.seek(since)
         text = f.read().decode(errors="replace")
     return {
         cid
         for cid in correlation_ids
-        if re.search(rf"request {re.escape(cid)}-\d+: first output after", text)
+        if re.search(rf"request {re.escape(cid)}-\d+: {event}", text)
     }
+
+
+def wait_logged(
+    log_path: Path,
+    correlation_ids: list[str],
+    event: str = FIRST_OUTPUT,
+    since: int = 0,
+    timeout: float = 120,
+) -> bool:
+    want = set(correlation_ids)
+    return _wait(lambda: logged(log_path, correlation_ids, event, since) == want, timeout)
 
 
 def wait_first_outputs(
     log_path: Path, correlation_ids: list[str], since: int = 0, timeout: float = 120
 ) -> bool:
-    want = set(correlation_ids)
-    return _wait(lambda: first_outputs(log_path, correlation_ids, since) == want, timeout)
+    return wait_logged(log_path, correlation_ids, FIRST_OUTPUT, since, timeout)
