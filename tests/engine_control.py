@@ -80,9 +80,7 @@ def logged(log_path: Path, correlation_ids: list[str], event: str, since: int = 
         f.seek(since)
         text = f.read().decode(errors="replace")
     return {
-        cid
-        for cid in correlation_ids
-        if re.search(rf"request {re.escape(cid)}-\d+: {event}", text)
+        cid for cid in correlation_ids if re.search(rf"request {re.escape(cid)}-\d+: {event}", text)
     }
 
 
