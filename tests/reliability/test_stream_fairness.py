@@ -58,10 +58,11 @@ class Round:
 
 
 GRPCIO_BURSTS = pytest.mark.xfail(
-    reason="grpc.aio (C-core) queues what a stalled reader has not taken per stream and "
-    "then writes each stream's backlog in one piece, one stream after the other: the other "
-    "stream's first chunk came after 268, 1110 and 1738 of this one's (issue 16's pattern). "
-    "Not fixed here; --transport h2 writes both streams interleaved as they are produced",
+    reason="grpc.aio (C-core) writes each stream's pending messages in one piece, one "
+    "stream after the other; when a backlog forms (its writer or the reader behind on a "
+    "loaded machine), a reader sees one stream ahead by the backlog: 268, 1110 and 1738 "
+    "chunks measured (issue 16's pattern). Not fixed here; --transport h2 writes both "
+    "streams interleaved as they are produced",
     strict=False,
 )
 
