@@ -244,6 +244,21 @@ class Engine:
         assert out is not None
         return out
 
+    async def _abort_running(self) -> None:
+        """Abort every unfinished request in the front end first: vLLM then
+        hands each its final "abort" output itself, whatever state the engine
+        core is in (busy, hung, already dead), instead of leaving them to the
+        core's teardown."""
+        running = list(self.llm.output_processor.request_states)
+        if not running:
+            return
+        log.info("aborting %d unfinished engine request(s)", len(running))
+        try:
+            async with asyncio.timeout(5.0):
+                await self.llm.abort(running, internal=True)
+        except Exception:  # a dead core: the front end has ended them already
+            log.warning("aborting the unfinished requests reported an error", exc_info=True)
+
     @property
     def pooling(self) -> bool:
         return self.model_config.runner_type == "pooling"
@@ -352,8 +367,10 @@ class Engine:
         return str(self.tokenizer.decode(list(ids)))
 
     async def shutdown(self) -> None:
-        """Stop the engine processes and drop our references to its memory."""
+        """End the requests still running (their callers see `closing` at
+        once), stop the engine processes, drop our references to its memory."""
         llm = self.llm
+        await self._abort_running()
         try:
             await asyncio.to_thread(llm.shutdown, shutdown_timeout())
         except Exception:

@@ -325,17 +325,21 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         chat = prep.chat
         tail = ChatPiece()
         final = None
+        rid = self._request_id(request)
         try:
             with _cut_reported(model):
                 async for out in model.engine.generate(
-                    prep.engine_input,
-                    prep.params,
-                    self._request_id(request),
-                    **prep.generate_kwargs,
+                    prep.engine_input, prep.params, rid, **prep.generate_kwargs
                 ):
                     if not first_at:
                         first_at = time.monotonic()
                         prompt_tokens = len(out.prompt_token_ids or ())
+                        if self.config.debug_requests:
+                            # Seen by the worker, whatever the transport does with
+                            # the bytes (tests stop the engine core on it).
+                            log.info(
+                                "request %s: first output after %.3fs", rid, first_at - started
+                            )
                     completion = out.outputs[0]
                     ids = completion.token_ids
                     completion_tokens += len(ids)
@@ -357,6 +361,8 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         finally:
             self.counters.add(prompt_tokens, completion_tokens)
         done = time.monotonic()
+        if self.config.debug_requests:
+            log.info("request %s: generation finished, %d tokens", rid, completion_tokens)
         usage = Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,

@@ -111,6 +111,8 @@ def tiny_load_options(model_dir: Path, *options: str, kv_cache: bool = True, **f
 
 @pytest.fixture(scope="session")
 def worker() -> Iterator[Worker]:
-    w = Worker()
+    # --debug-requests: tests that stop the engine core wait for the
+    # "first output" line it logs (tests/engine_control.py).
+    w = Worker(args=["--debug-requests"])
     yield w
     w.stop()

@@ -57,6 +57,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -73,6 +74,7 @@ import psutil  # noqa: E402
 
 from backend.gen import backend_pb2 as pb  # noqa: E402
 from backend.gen import backend_pb2_grpc  # noqa: E402
+from tests import engine_control  # noqa: E402
 from tests.conftest import KV_CACHE_OPTION, free_port, tiny_load_options  # noqa: E402
 from tests.integration.chat_helpers import WEATHER_TOOL, chat_request, collect  # noqa: E402
 from tests.integration.conftest import CHAT_OPTIONS  # noqa: E402
@@ -118,6 +120,23 @@ def check(cond: Any, message: str) -> None:
     # Not `assert`: must also hold under python -O.
     if not cond:
         raise Failed(message)
+
+
+def _read_into(call: Any, got: list) -> None:
+    with contextlib.suppress(grpc.RpcError):
+        for reply in call:
+            got.append(reply)
+
+
+def _quiet(got: list, seconds: float, timeout: float = 60.0) -> bool:
+    """Wait until `got` has not grown for `seconds`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = len(got)
+        time.sleep(seconds)
+        if len(got) == before:
+            return True
+    return False
 
 
 def state_name(state: int) -> str:
@@ -313,6 +332,8 @@ class StartedWorker:
         self.log_path = Path(path)
         self._log = os.fdopen(fd, "wb")
         env = {k: v for k, v in os.environ.items() if k != "LOCALAI_GRPC_AUTH_TOKEN"}
+        # cancel stops the engine core on the "first output" line this logs.
+        env["BACKEND_DEBUG_REQUESTS"] = "1"
         self.proc = subprocess.Popen(
             [str(ROOT / "run.sh"), "--addr", self.addr],
             cwd="/",  # run.sh must work from any directory
@@ -863,90 +884,73 @@ class Harness:
         return f"log_probs {[round(c.log_prob, 2) for c in res.candidates]}"
 
     def cap_cancel(self) -> str:
-        """Cancel a long stream mid-generation; the engine must drop the request.
+        """Cancel a stream the engine provably has not finished; the engine must drop it.
 
-        Status READY means no unfinished request in the engine. To tell an abort from
-        a generation that simply finished, the time per token is measured right
-        before each attempt (a unary Predict of 400 tokens, 32 for a real model):
-        READY must come within half the time the whole generation would take,
-        counted from the moment the stream was sent (the engine cannot have started
-        earlier). An attempt that is not conclusive (a loaded machine, a client that
-        was slow to send or read) is retried, never passed; a cancel that does not
-        reach READY in time fails at once.
+        Status READY means no unfinished request in the engine. The engine core is
+        SIGSTOPped so the generation cannot finish, however fast the machine: for the
+        worker this harness started (it logs with BACKEND_DEBUG_REQUESTS=1), when the
+        worker logs the stream's first output, i.e. mid-generation; for a worker given
+        by BACKEND_TEST_ADDR, before the stream is sent. Checked before the cancel:
+        nothing more arrives for 1 s, the call has no status, Status is BUSY. READY
+        with the core still stopped can then only come from the worker aborting the
+        request (an unaborted one stays in vLLM's table while the core is stopped).
         """
+        if not self.worker_pid:
+            raise Skip("cancel stops the engine core: the worker's pid is unknown")
         want = 1000
         if self.cfg.tiny:  # as long as the 2048-token context allows
             prompt_len = self.stub.TokenizeString(
                 pb.PredictOptions(Prompt=self.cfg.prompt), timeout=30
             ).length
             want = min(2000, 2048 - prompt_len - 8)
-        attempts: list[str] = []
-        for _attempt in range(3):
-            conclusive, outcome = self._cancel_attempt(want)
-            if conclusive:
-                after = self.stub.Predict(self.predict_request(Tokens=4), timeout=60)
-                check(after.tokens > 0, "no generation after the cancel")
-                retried = f" ({len(attempts)} inconclusive before: {attempts})" if attempts else ""
-                return f"{outcome}; next Predict fine{retried}"
-            attempts.append(outcome)
-        raise Failed(f"cannot tell an abort from a finished generation in 3 attempts: {attempts}")
-
-    def _cancel_attempt(self, want: int) -> tuple[bool, str]:
-        """One cancel: (conclusive, what was seen)."""
-        # Extrapolated from a shorter run: later tokens cost more (longer context), so
-        # this underestimates the whole generation, which only makes the check stricter.
-        calib_tokens = 400 if self.cfg.tiny else 32
-        t0 = time.monotonic()
-        calib = self.stub.Predict(
-            self.predict_request(Tokens=calib_tokens, IgnoreEOS=True), timeout=300
-        )
-        check(
-            calib.tokens == calib_tokens,
-            f"calibration gave {calib.tokens} tokens, asked {calib_tokens}",
-        )
-        full = (time.monotonic() - t0) * want / calib_tokens
-        started = time.monotonic()
-        call = self.stub.PredictStream(
-            self.predict_request(Tokens=want, IgnoreEOS=True), timeout=300
-        )
-        first = next((r for r in call if r.message), None)
-        check(first is not None, "the stream ended before its first token")
-        busy = self.status()
-        if busy != pb.StatusResponse.BUSY:
-            # READY while streaming is the bug this checks for, unless a CPU-starved
-            # machine let the whole generation finish before Status was answered:
-            # then the stream ran to its end.
-            rest = list(call)
+        core = engine_control.engine_core_of(self.worker_pid)
+        mid = self.worker is not None
+        since = self.worker.log_path.stat().st_size if self.worker else 0
+        got: list[pb.Reply] = []
+        try:
+            if not mid:
+                engine_control.stop(core)
+            call = self.stub.PredictStream(
+                self.predict_request(Tokens=want, IgnoreEOS=True, CorrelationId="e2e-cancel"),
+                timeout=300,
+            )
+            reader = threading.Thread(target=_read_into, args=(call, got), daemon=True)
+            reader.start()
+            if mid:
+                assert self.worker is not None
+                check(
+                    engine_control.wait_first_outputs(self.worker.log_path, ["e2e-cancel"], since),
+                    "the worker never logged the stream's first output",
+                )
+                engine_control.stop(core)
+            check(_quiet(got, 1.0), "chunks kept coming with the engine core stopped")
+            busy = self.status()
+            where = f"after {len(got)} chunk(s) read" if mid else "before the stream was sent"
+            precondition = f"engine core stopped {where}; Status {state_name(busy)}"
+            check(not call.done(), f"the call ended with the core stopped ({precondition})")
+            check(busy == pb.StatusResponse.BUSY, f"Status during generation: {precondition}")
+            call.cancel()
+            cancelled_at = time.monotonic()
+            state = busy
+            while time.monotonic() - cancelled_at < CANCEL_READY_WITHIN:
+                state = self.status()
+                if state == pb.StatusResponse.READY:
+                    break
+                time.sleep(0.02)
+            ready_ms = (time.monotonic() - cancelled_at) * 1000
             check(
-                bool(rest) and rest[-1].tokens == want,
-                f"Status during generation is {state_name(busy)}",
+                state == pb.StatusResponse.READY,
+                f"Status still {state_name(state)} {CANCEL_READY_WITHIN}s after cancel "
+                f"with the engine core stopped ({precondition})",
             )
-            return False, f"finished before Status answered ({time.monotonic() - started:.2f}s)"
-        call.cancel()
-        cancelled_at = time.monotonic()
-        state = busy
-        while time.monotonic() - cancelled_at < CANCEL_READY_WITHIN:
-            state = self.status()
-            if state == pb.StatusResponse.READY:
-                break
-            time.sleep(0.02)
-        ready_at = time.monotonic()
-        check(
-            state == pb.StatusResponse.READY,
-            f"Status still {state_name(state)} {CANCEL_READY_WITHIN}s after cancel",
-        )
+            check(core.status() == psutil.STATUS_STOPPED, "the engine core ran during the check")
+        finally:
+            engine_control.resume(core)
+        reader.join(10)
         check(call.code() == grpc.StatusCode.CANCELLED, f"call ended with {call.code()}")
-        since_start = ready_at - started
-        if since_start >= full / 2:
-            return False, (
-                f"READY {since_start:.2f}s after the stream was sent, "
-                f"the whole {want} tokens take ~{full:.2f}s"
-            )
-        return True, (
-            f"READY {(ready_at - cancelled_at) * 1000:.0f}ms after cancel, {since_start:.2f}s "
-            f"after the stream was sent (all {want} tokens would take ~{full:.1f}s at "
-            f"{want / full:.0f} tok/s)"
-        )
+        after = self.stub.Predict(self.predict_request(Tokens=4), timeout=60)
+        check(after.tokens > 0, "no generation after the cancel")
+        return f"{precondition}; READY {ready_ms:.0f}ms after cancel; next Predict fine"
 
     def cap_free(self) -> str:
         engines = engine_processes(self.worker_pid) if self.worker_pid else []

@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from backend.gen import backend_pb2 as pb
+from tests import engine_control
 from tests.conftest import Worker
 from tests.h2client import H2Client
 from tests.reliability.helpers import (
@@ -37,7 +38,7 @@ pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 # How long in-flight requests may take to learn of the death. vLLM notices
 # at once (its output socket closes); 5 s leaves room for a loaded machine.
 PROMPT_FAILURE_SECONDS = 5.0
-LONG = 2000  # tokens: seconds of generation even for a fast engine
+LONG = 2000  # tokens: far more than the engine makes between first output and the stop
 
 
 @dataclass
@@ -58,20 +59,37 @@ class Death:
     killed_at: float
     engine_pids: list[int]
     engine_procs: list
+    precondition: str
+
+
+def _quiet(client: H2Client, seconds: float, timeout: float = 60) -> bool:
+    """Read until nothing arrives for `seconds`: the worker has handed on all it had."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = sum(len(s.body) for s in client.streams.values())
+        client.idle(seconds)
+        if sum(len(s.body) for s in client.streams.values()) == before:
+            return True
+    return False
 
 
 @pytest.fixture(scope="module")
 def death(tiny_model_dir):
     """A loaded worker whose engine core was SIGKILLed with requests in flight.
 
-    The requests go through hyper-h2 (tests/h2client.py), read by this
-    thread as frames arrive. grpc's client buffers whole streams in C-core
-    while its reader threads may be starved, so "the client has read 3
-    chunks" could mean the server had long finished; here the kill follows
-    the first chunk of each stream by milliseconds, against seconds of
-    generation left.
+    The precondition is created, not raced (issue 16: on a fast machine all
+    three calls had ended OK 35 ms after the kill). When the worker logs both
+    streams' first output (`--debug-requests`; not what the client has read,
+    which a transport may hold back), the engine core is SIGSTOPped: from then
+    on it generates nothing and no request can finish. Checked before the
+    kill: the core is stopped; once the worker has handed on everything the
+    core made before the stop (nothing more arrives for 1 s), no call has
+    ended and each stream is far from its LONG tokens; Status is BUSY.
+
+    The requests go through hyper-h2 (tests/h2client.py), every stream read
+    by this thread as frames arrive.
     """
-    worker = Worker()
+    worker = Worker(args=["--debug-requests"])
     client = None
     try:
         load(worker, tiny_model_dir)
@@ -79,15 +97,29 @@ def death(tiny_model_dir):
         procs = engine_processes(worker.proc.pid)
         core = engine_core(worker.proc.pid)
         client = H2Client(worker.addr)
+        since = worker.log_path.stat().st_size
         flights = [
-            InFlight("stream-1", client.call("PredictStream", greedy(Tokens=LONG))),
-            InFlight("stream-2", client.call("PredictStream", greedy(Tokens=LONG))),
-            InFlight("unary", client.call("Predict", greedy(Tokens=LONG))),
+            InFlight(name, client.call(rpc, greedy(Tokens=LONG, CorrelationId=name)))
+            for name, rpc in (
+                ("stream-1", "PredictStream"),
+                ("stream-2", "PredictStream"),
+                ("unary", "Predict"),
+            )
         ]
         streams = client.streams
-        assert client.pump(lambda: all(streams[f.sid].body for f in flights[:2]), 120), (
-            "the streams never started"
-        )
+        assert engine_control.wait_first_outputs(
+            worker.log_path, ["stream-1", "stream-2"], since
+        ), f"the streams never started:\n{worker.log_tail()}"
+        engine_control.stop(core)
+        # The precondition, checked: nothing can finish from here on, and nothing had.
+        assert _quiet(client, 1.0), "the worker kept sending with its engine core stopped"
+        at_stop = {f.name: len(streams[f.sid].messages()) for f in flights}
+        busy = state(worker)
+        precondition = f"engine core stopped; chunks then {at_stop}; Status {state_name(busy)}"
+        assert not any(streams[f.sid].ended or streams[f.sid].reset for f in flights), precondition
+        assert all(n < LONG // 2 for n in at_stop.values()), precondition
+        assert busy == pb.StatusResponse.BUSY, precondition
+
         killed_at = time.monotonic()
         os.kill(core.pid, signal.SIGKILL)
         for f in flights:
@@ -100,7 +132,7 @@ def death(tiny_model_dir):
             return all(f.ended_at is not None for f in flights)
 
         client.pump(note_endings, timeout=120)
-        yield Death(worker, client, flights, killed_at, [p.pid for p in procs], procs)
+        yield Death(worker, client, flights, killed_at, [p.pid for p in procs], procs, precondition)
     finally:
         if client is not None:
             client.close()
@@ -117,7 +149,7 @@ def test_in_flight_requests_fail_promptly_with_unavailable(death):
             f"{f.name}: {status} after {took}s, {f.chunks_at_kill} chunks at the kill, "
             f"{len(stream.messages())} in all"
         )
-    print("\nengine death, in-flight requests:", *report, sep="\n  ")
+    print("\nengine death, in-flight requests:", death.precondition, *report, sep="\n  ")
     for f in death.flights:
         stream = death.client.streams[f.sid]
         assert stream.ended, report

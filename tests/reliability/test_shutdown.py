@@ -20,6 +20,7 @@ import pytest
 
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
+from tests import engine_control
 from tests.conftest import ROOT, Worker, free_port, tiny_load_options
 from tests.reliability.helpers import (
     descendants,
@@ -30,43 +31,45 @@ from tests.reliability.helpers import (
     load,
     log_text,
     running,
+    state,
+    state_name,
     survivors,
     wait_for,
 )
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
-# BACKEND_GRACE_SECONDS (default 10). The tiny model streams ~2000 tokens (its
-# whole context) in ~5 s, so a short grace is what lets a stream outlast it.
+# BACKEND_GRACE_SECONDS (default 10); short, so the test is.
 GRACE = 2.0
 # After the grace period: cancel the rest, stop the engine (vLLM waits up to
 # 5 s for its worker process), then interpreter exit (~1-10 s of garbage
 # collection over torch/vLLM on this loaded 2-core machine).
 EXIT_MARGIN = 25.0
+SHORT, LONG = 40, 2000  # tokens
 
 
 @dataclass
 class Stream:
+    name: str
     tokens: int
     chunks: int = 0
     final: pb.Reply | None = None
     code: grpc.StatusCode | None = None
     details: str = ""
     ended_at: float = 0.0
-    started: threading.Event = field(default_factory=threading.Event)
+    ended: threading.Event = field(default_factory=threading.Event)
 
     def run(self, stub) -> None:
+        request = greedy(Tokens=self.tokens, CorrelationId=self.name)
         try:
-            for reply in stub.PredictStream(greedy(Tokens=self.tokens), timeout=300):
+            for reply in stub.PredictStream(request, timeout=300):
                 self.chunks += 1
                 self.final = reply
-                if self.chunks >= 3:
-                    self.started.set()
         except grpc.RpcError as e:
             self.code, self.details = e.code(), e.details() or ""
         finally:
             self.ended_at = time.monotonic()
-            self.started.set()
+            self.ended.set()
 
 
 @dataclass
@@ -80,31 +83,67 @@ class Signalled:
     returncode: int | None
     after_signal: tuple[grpc.StatusCode | None, str]
     engine_procs: list[psutil.Process]
+    precondition: str
 
 
 @pytest.fixture(scope="module", params=[signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def signalled(request, tiny_model_dir):
-    """A loaded worker signalled while a short and a long stream are running."""
+    """A loaded worker signalled while a short and a long stream are running.
+
+    The conditions are created, not raced against the machine's speed:
+      * both streams are in flight at the signal and neither can have ended:
+        the engine core is SIGSTOPped before they are sent; checked: the
+        worker logged both requests (they are in vLLM's hands), neither call
+        has ended, Status BUSY;
+      * the short one can finish in the grace period: the core is resumed
+        right after the signal and the short stream needs SHORT tokens;
+      * the long one cannot: when the worker logs the short generation's
+        end, the core is stopped again, the long request then at about as
+        many tokens (same batch) of its LONG; it stays stopped until the long
+        call has ended, so only the end of the grace period can end it.
+    The core then runs again, so the worker's engine stop is the normal one.
+    """
     sig = request.param
-    worker = Worker(env={"BACKEND_GRACE_SECONDS": str(GRACE)})
+    worker = Worker(env={"BACKEND_GRACE_SECONDS": str(GRACE)}, args=["--debug-requests"])
+    core = None
     try:
         load(worker, tiny_model_dir)
-        # The short stream ends well within the grace period, the long one not.
-        short, long = Stream(tokens=40), Stream(tokens=2000)
+        procs = engine_processes(worker.proc.pid)
+        core = engine_control.engine_core_of(worker.proc.pid)
+        since = worker.log_path.stat().st_size
+        engine_control.stop(core)
+        short, long = Stream("short", SHORT), Stream("long", LONG)
         threads = [threading.Thread(target=s.run, args=(worker.stub,)) for s in (long, short)]
         for t in threads:
             t.start()
-        assert long.started.wait(120) and short.started.wait(120)
-        assert long.code is None and short.code is None, (long.details, short.details)
-        procs = engine_processes(worker.proc.pid)
+        # --debug-requests logs each request (its text: `Prompt: ...`) as it goes to vLLM.
+        assert engine_control.wait_logged(
+            worker.log_path, ["long", "short"], "Prompt:", since, timeout=60
+        ), worker.log_tail()
+        busy = state(worker)
+        precondition = (
+            f"at the signal: engine core stopped since before the calls, Status "
+            f"{state_name(busy)}, chunks read: long {long.chunks}, short {short.chunks}"
+        )
+        assert not long.ended.is_set() and not short.ended.is_set(), precondition
+        assert busy == pb.StatusResponse.BUSY, precondition
         sent_at = time.monotonic()
         os.kill(worker.proc.pid, sig)
-        time.sleep(0.5)
+        engine_control.resume(core)
+        assert engine_control.wait_logged(
+            worker.log_path, ["short"], engine_control.FINISHED, since, timeout=GRACE + 30
+        ), worker.log_tail()
+        engine_control.stop(core)
+        precondition += (
+            f"; short generated, engine stopped again after {time.monotonic() - sent_at:.2f}s"
+        )
         try:
             worker.stub.Predict(greedy(Tokens=2), timeout=10)
             after: tuple[grpc.StatusCode | None, str] = (None, "")
         except grpc.RpcError as e:
             after = (e.code(), e.details() or "")
+        long.ended.wait(GRACE + 60)
+        engine_control.resume(core)
         try:
             worker.proc.wait(GRACE + EXIT_MARGIN + 30)
             exited_at: float | None = time.monotonic()
@@ -113,9 +152,20 @@ def signalled(request, tiny_model_dir):
         for t in threads:
             t.join(60)
         yield Signalled(
-            sig, worker, short, long, sent_at, exited_at, worker.proc.returncode, after, procs
+            sig,
+            worker,
+            short,
+            long,
+            sent_at,
+            exited_at,
+            worker.proc.returncode,
+            after,
+            procs,
+            precondition,
         )
     finally:
+        if core is not None:
+            engine_control.resume(core)
         worker.stop()
         kill_group(worker.proc.pid)
 
@@ -127,7 +177,8 @@ def _report(s: Signalled) -> str:
         f"short stream: {'final reply' if s.short.code is None else s.short.code} "
         f"({s.short.chunks} chunks); long stream: {s.long.code} {s.long.details!r} after "
         f"{s.long.ended_at - s.sent_at:.1f}s ({s.long.chunks} chunks); "
-        f"new Predict after the signal: {s.after_signal[0]} {s.after_signal[1]!r}"
+        f"new Predict after the signal: {s.after_signal[0]} {s.after_signal[1]!r}; "
+        f"{s.precondition}"
     )
 
 
@@ -142,25 +193,16 @@ def test_worker_exits_within_grace_plus_margin(signalled):
 def test_a_stream_that_fits_in_the_grace_period_completes(signalled):
     short = signalled.short
     assert short.code is None, _report(signalled)
-    assert short.final is not None and short.final.tokens == 40, _report(signalled)
-
-
-def _cut(s: Signalled) -> Stream:
-    long = s.long
-    if long.code is None:
-        # Finished inside the grace period after all (a very fast machine):
-        # then it must have completed properly, and there is no cut to judge.
-        assert long.final is not None and long.final.tokens == 2000, _report(s)
-        pytest.skip(f"the long stream finished within the {GRACE}s grace period")
-    return long
+    assert short.final is not None and short.final.tokens == SHORT, _report(signalled)
 
 
 def test_a_stream_cut_by_shutdown_ends_unavailable(signalled):
-    """UNAVAILABLE (grpc.aio's "Cancelling all calls" at the end of the grace
-    period) tells the gateway to retry elsewhere; CANCELLED would look like
-    its own cancel, and a stream that just stops would look complete."""
-    long = _cut(signalled)
+    """UNAVAILABLE with the reason when the grace period ends: the gateway may
+    retry elsewhere; CANCELLED would look like its own cancel, and a stream
+    that just stops (or ends with a final reply) would look complete."""
+    long = signalled.long
     assert long.code == grpc.StatusCode.UNAVAILABLE, _report(signalled)
+    assert "shutting down" in long.details and "incomplete" in long.details, _report(signalled)
     assert long.ended_at - signalled.sent_at < GRACE + 5.0, _report(signalled)
     assert long.final is None or long.final.tokens == 0, "no final (usage) reply on a cut stream"
 
