@@ -3,13 +3,16 @@
 Two parts:
 
 * `choose_parsers`: which vLLM tool and reasoning parser fit a model, from
-  an explicit Options setting or, failing that, a family table.
+  an explicit Options setting or, failing that, the family table
+  (`FAMILY_PARSERS`), checked against the model's tokenizer before the
+  engine starts.
 * `OutputState`: the per-request streaming state. Feed it each engine delta;
   it returns the `ChatPiece` to send. It wraps one instance of vLLM's
   unified `Parser` (`vllm.parser`), the object vLLM's OpenAI server uses, so
-  model formats are never re-implemented here. The parser's `finished=True`
-  call flushes what it held back (unstreamed tool-call arguments, buffered
-  engine-parser text); that piece goes into the final Reply.
+  model formats are never re-implemented here. Streamed pieces concatenate
+  to the non-streamed result by construction: tool calls are sent whole at
+  the end, parsed from the whole text like a unary request (the rule and its
+  latency cost are in `OutputState`'s docstring).
 
 This module does not import vLLM: the parser object is handed in.
 """
@@ -288,6 +291,10 @@ CALL_MARKERS: tuple[str, ...] = (
     "<\uff5ctool\u2581call\u2581begin\uff5c>",
     "```",
 )
+# Tool parsers whose whole-text path drops all text once it finds a call
+# anywhere (llama3_json: any `{"name": ...}` object): with them, content
+# cannot be known before the end and is held whole while tools are offered.
+WHOLE_TEXT_CALL_PARSERS: frozenset[str] = frozenset({"Llama3JsonToolParser"})
 # Content that starts with one of these may be a bare call (xlam / llama3_json
 # JSON, pythonic lists): held whole when a tool parser is active.
 CALL_SHAPES: tuple[str, ...] = ("{", "[")
@@ -295,6 +302,10 @@ CALL_SHAPES: tuple[str, ...] = ("{", "[")
 
 def _partial_marker_at_end(text: str, markers: Sequence[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of a marker."""
+    longest = max(len(m) for m in markers)
+    tail = text[-longest:]
+    if not any(m[0] in tail for m in markers):
+        return 0
     best = 0
     for marker in markers:
         for n in range(min(len(marker) - 1, len(text)), best, -1):
@@ -358,7 +369,7 @@ class OutputState:
         self.request = request
         self.logprobs = logprobs
         self.prompt_token_ids: list[int] | None = None
-        self._text = ""
+        self._chunks: list[str] = []  # the generated text so far
         self._ids: list[int] = []
         self._sent_content = ""
         self._sent_reasoning = ""
@@ -368,6 +379,12 @@ class OutputState:
         self._tools_active = tool_parser is not None and (
             request is None or getattr(request, "tool_choice", None) != "none"
         )
+        self._hold_all_content = (
+            self._tools_active and type(tool_parser).__name__ in WHOLE_TEXT_CALL_PARSERS
+        )
+        # Whether the whole-text reasoning split already has content for the
+        # text so far (then content streamed after it cannot move back).
+        self._content_confirmed = getattr(parser, "reasoning_parser", None) is None
         reasoning_parser = getattr(parser, "reasoning_parser", None)
         self._reasoning_markers = {
             m
@@ -390,7 +407,7 @@ class OutputState:
             self.logprobs.add(token_ids, positions)
         if self.parser is None:
             return ChatPiece(content=text)
-        self._text += text
+        self._chunks.append(text)
         self._ids.extend(token_ids)
         streamed = ChatPiece()
         parts = self._split_markers(text, token_ids)
@@ -418,24 +435,35 @@ class OutputState:
         """What of the streamed content may go out now (see the class docstring)."""
         if streamed.tool_calls:
             self._holding = True
-        if self._holding:
+        if self._holding or self._hold_all_content:
             return ""
         text = self._pending + streamed.content
         self._pending = ""
+        if text and not self._content_confirmed:
+            # vLLM's streaming path ends reasoning at the end token's *id*,
+            # its whole-text path at the end token's *text*; with the markers
+            # as special tokens skipped in the text they disagree.
+            self._content_confirmed = self._whole_text_has_content()
+            if not self._content_confirmed:
+                self._pending = text
+                return ""
         if not self._tools_active:
             keep = len(text) - len(text.rstrip())
         else:
-            if not (self._sent_content + text).lstrip():
+            started = bool(self._sent_content)  # sent content never ends in whitespace
+            if not started and not text.strip():
                 self._pending = text
                 return ""
-            if not self._sent_content.strip() and text.lstrip().startswith(CALL_SHAPES):
+            if not started and text.lstrip().startswith(CALL_SHAPES):
                 self._holding = True
                 return ""
             cut = min((i for m in CALL_MARKERS if (i := text.find(m)) >= 0), default=-1)
             if cut >= 0:
                 self._holding = True
                 text = text[:cut]
-            keep = max(len(text) - len(text.rstrip()), _partial_marker_at_end(text, CALL_MARKERS))
+            partial = _partial_marker_at_end(text, CALL_MARKERS)
+            body = text[: len(text) - partial]
+            keep = partial + len(body) - len(body.rstrip())
             if self._holding:
                 return text[: len(text) - keep] if keep else text
         if keep:
@@ -443,9 +471,17 @@ class OutputState:
             text = text[: len(text) - keep]
         return text
 
+    def _whole_text_has_content(self) -> bool:
+        extract = getattr(self.whole_parser or self.parser, "extract_reasoning", None)
+        if extract is None:
+            return True
+        _, content = extract("".join(self._chunks), self.request)
+        return content is not None
+
     def _finish(self) -> ChatPiece:
         """End of generation: what the whole-text parse has beyond what was sent."""
-        whole = self._parse(self.whole_parser or self.parser, self._text, self._ids)
+        text = "".join(self._chunks)
+        whole = self._parse(self.whole_parser or self.parser, text, self._ids)
         piece = ChatPiece(tool_calls=whole.tool_calls)
         piece.reasoning = self._rest("reasoning", self._sent_reasoning, whole.reasoning)
         piece.content = self._rest("content", self._sent_content, whole.content)
@@ -489,7 +525,15 @@ class OutputState:
             if marker is None:
                 continue
             at = text.find(marker, pos)
-            if at < 0:  # marker not in the text (skipped special token): no split
+            if at < 0:
+                # A special token skipped from the text: where it sits in the
+                # text is known only at either end of what is left.
+                if i == start:
+                    parts.append(("", [token]))
+                    start = i + 1
+                    continue
+                if i == len(ids) - 1:
+                    return [*parts, (text[pos:], ids[start:i]), ("", [token])]
                 return [(text, ids)] if not parts else [*parts, (text[pos:], ids[start:])]
             if i > start or at > pos:
                 parts.append((text[pos:at], ids[start:i]))
