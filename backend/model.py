@@ -107,6 +107,10 @@ class LoadedModel:
             check=eng.parser_check(tokenizer) if tokenizer is not None else None,
             vocab=tokenizer.get_vocab() if tokenizer is not None else None,
         )
+        if plan.parsers[1]:
+            # As `vllm serve --reasoning-parser` does (build_load_plan does it
+            # for an explicit one): grammars then apply after the reasoning.
+            plan.engine_kwargs.setdefault("reasoning_parser", plan.parsers[1])
         _eager_without_compiler(plan)
         return plan, _read_template(settings.chat_template)
 
