@@ -424,11 +424,13 @@ class OutputState:
                 if part.reasoning in self._reasoning_markers:
                     part.reasoning = ""
                 merge(streamed, part)
+        if finished:
+            # The last piece is what the whole-text parse has beyond what was
+            # sent, whatever this delta's streamed pieces say.
+            return self._finish()
         piece = ChatPiece(reasoning=streamed.reasoning, content=self._content(streamed))
         self._sent_reasoning += piece.reasoning
         self._sent_content += piece.content
-        if finished:
-            piece = merge(piece, self._finish())
         return piece
 
     def _content(self, streamed: ChatPiece) -> str:
