@@ -111,6 +111,8 @@ class LoadPlan:
     settings: BackendSettings
     # Said once in the log: fields we accept but cannot honour.
     warnings: list[str] = field(default_factory=list)
+    # (tool, reasoning) parser decided before the engine start (LoadedModel.validate).
+    parsers: tuple[str | None, str | None] | None = None
 
     @property
     def model(self) -> str:

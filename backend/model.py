@@ -88,18 +88,29 @@ class LoadedModel:
         plan = build_load_plan(request, parser)
         for warning in plan.warnings:
             log.warning("LoadModel: %s", warning)
-        known_tool, known_reasoning = eng.known_parsers()
         settings = plan.settings
-        # Explicit parser names are checked before the (slow) engine start.
-        choose_parsers(
+        if settings.tool_parser_plugin:
+            await asyncio.to_thread(eng.import_tool_parser_plugin, settings.tool_parser_plugin)
+        known_tool, known_reasoning = eng.known_parsers()
+        # Parsers are decided and checked against the tokenizer here, before
+        # the (slow) engine start: an explicit one that cannot work fails
+        # now, an automatic one that cannot is dropped with a warning.
+        model_type, architectures, tokenizer = await asyncio.to_thread(eng.model_family, plan)
+        plan.parsers = choose_parsers(
             settings.tool_parser,
             settings.reasoning_parser,
-            model_type="",
-            architectures=(),
-            name="",
+            model_type=model_type,
+            architectures=architectures,
+            name=plan.model,
             known_tool=known_tool,
             known_reasoning=known_reasoning,
+            check=eng.parser_check(tokenizer) if tokenizer is not None else None,
+            vocab=tokenizer.get_vocab() if tokenizer is not None else None,
         )
+        if plan.parsers[1]:
+            # As `vllm serve --reasoning-parser` does (build_load_plan does it
+            # for an explicit one): grammars then apply after the reasoning.
+            plan.engine_kwargs.setdefault("reasoning_parser", plan.parsers[1])
         _eager_without_compiler(plan)
         return plan, _read_template(settings.chat_template)
 
@@ -107,8 +118,6 @@ class LoadedModel:
     async def load(
         cls, request: pb.ModelOptions, plan: LoadPlan, chat_template: str | None
     ) -> LoadedModel:
-        settings = plan.settings
-        known_tool, known_reasoning = eng.known_parsers()
         if plan.engine_kwargs.get("trust_remote_code"):
             log.warning("trust_remote_code is ON: the model's own Python code will run")
         log.info("loading %s: %s", plan.model, describe(plan.engine_kwargs))
@@ -118,16 +127,7 @@ class LoadedModel:
                 model = cls(engine, request.Model or plan.model, None, None, (None, None))
                 log.info("model %s ready for pooling in %.1fs", plan.model, engine.load_seconds)
                 return model
-            hf = engine.model_config.hf_config
-            parsers = choose_parsers(
-                settings.tool_parser,
-                settings.reasoning_parser,
-                model_type=str(getattr(hf, "model_type", "") or ""),
-                architectures=list(getattr(hf, "architectures", None) or ()),
-                name=plan.model,
-                known_tool=known_tool,
-                known_reasoning=known_reasoning,
-            )
+            parsers = plan.parsers or (None, None)
             online = engine.online_renderer(chat_template, *parsers)
             model = cls(engine, request.Model or plan.model, online, online.parser, parsers)
             model.chat_template = chat_template
@@ -224,15 +224,29 @@ class LoadedModel:
         )
         self._clamp(kw, engine_input)
         params = eng.sampling_params(kw, stream=stream)
-        parser = None
-        if self.parser_cls is not None:
-            parser = self.parser_cls(
-                self.engine.tokenizer,
-                req.tools,
-                chat_template_kwargs=template_kwargs,
-                model_config=self.engine.model_config,
-            )
-        state = OutputState(parser, req, self._logprobs(kw, request), markers=self.markers)
+        parser = whole_parser = None
+        parser_cls = self.parser_cls
+        if parser_cls is not None:
+
+            def new_parser() -> Any:
+                return parser_cls(
+                    self.engine.tokenizer,
+                    req.tools,
+                    chat_template_kwargs=template_kwargs,
+                    model_config=self.engine.model_config,
+                )
+
+            parser = new_parser()
+            # A stream also parses its whole text at the end (see OutputState),
+            # with a parser of its own: the streaming one carries state.
+            whole_parser = new_parser() if stream else None
+        state = OutputState(
+            parser,
+            req,
+            self._logprobs(kw, request),
+            markers=self.markers,
+            whole_parser=whole_parser,
+        )
         prompt_ids = engine_input.get("prompt_token_ids")
         state.prompt_token_ids = prompt_ids
         gen_kwargs: dict[str, Any] = {}

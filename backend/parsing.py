@@ -3,13 +3,16 @@
 Two parts:
 
 * `choose_parsers`: which vLLM tool and reasoning parser fit a model, from
-  an explicit Options setting or, failing that, a family table.
+  an explicit Options setting or, failing that, the family table
+  (`FAMILY_PARSERS`), checked against the model's tokenizer before the
+  engine starts.
 * `OutputState`: the per-request streaming state. Feed it each engine delta;
   it returns the `ChatPiece` to send. It wraps one instance of vLLM's
   unified `Parser` (`vllm.parser`), the object vLLM's OpenAI server uses, so
-  model formats are never re-implemented here. The parser's `finished=True`
-  call flushes what it held back (unstreamed tool-call arguments, buffered
-  engine-parser text); that piece goes into the final Reply.
+  model formats are never re-implemented here. Streamed pieces concatenate
+  to the non-streamed result by construction: tool calls are sent whole at
+  the end, parsed from the whole text like a unary request (the rule and its
+  latency cost are in `OutputState`'s docstring).
 
 This module does not import vLLM: the parser object is handed in.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,30 +30,81 @@ from backend.replies import ChatPiece, ToolCallPiece, logprob_entries, logprobs_
 log = logging.getLogger(__name__)
 
 
-# (needle in model_type / architectures / name, tool parser, reasoning parser).
-# First match wins, so specific families come before the generic ones.
-FAMILY_PARSERS: tuple[tuple[str, str | None, str | None], ...] = (
-    ("gpt_oss", "openai", "openai_gptoss"),
-    ("gpt-oss", "openai", "openai_gptoss"),
-    ("qwen3_coder", "qwen3_coder", None),
-    ("qwen3-coder", "qwen3_coder", None),
-    ("qwq", "hermes", "deepseek_r1"),
-    ("qwen3", "hermes", "qwen3"),
-    ("deepseek-r1-distill", "hermes", "deepseek_r1"),
-    ("deepseek-r1", "deepseek_v3", "deepseek_r1"),
-    ("deepseek_v3", "deepseek_v3", "deepseek_v3"),
-    ("deepseek-v3", "deepseek_v3", "deepseek_v3"),
-    ("qwen2", "hermes", None),
-    ("hermes", "hermes", None),
-    ("magistral", "mistral", "mistral"),
-    ("mistral", "mistral", None),
-    ("mixtral", "mistral", None),
-    ("llama4", "llama4_pythonic", None),
-    ("llama-4", "llama4_pythonic", None),
-    ("llama-3", "llama3_json", None),
-    ("llama3", "llama3_json", None),
-    ("llama", "llama3_json", None),
-    ("granite", "granite", "granite"),
+# Family table: (needle, tool parser, reasoning parser, why).
+#
+# The needle is looked for in the model name (path or hub id) first, then in
+# config.json's `model_type` and `architectures`; the first row that matches
+# wins, so specific rows come before generic ones. Every choice made here is
+# then checked against the model's tokenizer before the engine starts
+# (`choose_parsers`): a parser whose marker tokens the tokenizer lacks is
+# skipped with a warning, so a wrong guess costs a feature, never the load.
+#
+# | family                       | tool            | reasoning     |
+# |------------------------------|-----------------|---------------|
+# | GPT-OSS                      | openai          | openai_gptoss |
+# | Qwen3-Coder                  | qwen3_coder     | -             |
+# | QwQ                          | hermes          | deepseek_r1   |
+# | Qwen3 *-Instruct-2507        | hermes          | -             |
+# | Qwen3 (original, *-Thinking-2507) | hermes     | qwen3         |
+# | DeepSeek-R1-Distill-*        | hermes          | deepseek_r1   |
+# | DeepSeek-R1                  | deepseek_v3     | deepseek_r1   |
+# | DeepSeek-V3.1                | deepseek_v31    | deepseek_v3   |
+# | DeepSeek-V3                  | deepseek_v3     | deepseek_v3   |
+# | Qwen2 / Qwen2.5              | hermes          | -             |
+# | Hermes (Nous)                | hermes          | -             |
+# | Magistral                    | mistral         | mistral       |
+# | Mistral / Mixtral            | mistral         | -             |
+# | Llama 4                      | llama4_pythonic | -             |
+# | Llama 3.x (by name)          | llama3_json     | -             |
+# | other Llama architecture     | -               | -             |
+# | Granite 4                    | granite4        | -             |
+# | Granite 3                    | granite         | granite       |
+# | Phi-4-mini                   | phi4_mini_json  | -             |
+# | other Phi                    | -               | -             |
+# | SmolLM3                      | hermes          | qwen3         |
+# | SmolLM / SmolLM2             | -               | -             |
+# | FunctionGemma                | functiongemma   | -             |
+# | Gemma 4                      | gemma4          | gemma4        |
+# | Gemma 1-3                    | -               | -             |
+FAMILY_PARSERS: tuple[tuple[str, str | None, str | None, str], ...] = (
+    ("gpt_oss", "openai", "openai_gptoss", "harmony format"),
+    ("gpt-oss", "openai", "openai_gptoss", "harmony format"),
+    ("qwen3_coder", "qwen3_coder", None, "XML calls <function=...>, no thinking"),
+    ("qwen3-coder", "qwen3_coder", None, "XML calls <function=...>, no thinking"),
+    # QwQ's template opens <think> in the prompt; deepseek_r1 expects that.
+    ("qwq", "hermes", "deepseek_r1", "<tool_call> JSON; think block opened by the template"),
+    # 2507 Instruct models do not think; 2507 Thinking ones open <think> in
+    # the prompt, which the qwen3 parser handles (only </think> is generated).
+    ("instruct-2507", "hermes", None, "<tool_call> JSON; 2507 Instruct has no thinking"),
+    ("qwen3", "hermes", "qwen3", "<tool_call> JSON; <think> block"),
+    ("deepseek-r1-distill", "hermes", "deepseek_r1", "base model's <tool_call>; R1 thinking"),
+    ("deepseek-r1", "deepseek_v3", "deepseek_r1", "DeepSeek call markers; R1 thinking"),
+    ("deepseek-v3.1", "deepseek_v31", "deepseek_v3", "V3.1 call format; thinking by template"),
+    ("deepseek_v3", "deepseek_v3", "deepseek_v3", "DeepSeek call markers"),
+    ("deepseek-v3", "deepseek_v3", "deepseek_v3", "DeepSeek call markers"),
+    ("qwen2", "hermes", None, "<tool_call> JSON (Qwen2/2.5 template)"),
+    ("hermes", "hermes", None, "<tool_call> JSON (Hermes 2/3 template)"),
+    ("magistral", "mistral", "mistral", "[TOOL_CALLS]; [THINK] block"),
+    ("mistral", "mistral", None, "[TOOL_CALLS]"),
+    ("mixtral", "mistral", None, "[TOOL_CALLS]"),
+    ("llama4", "llama4_pythonic", None, "pythonic calls (Llama 4 template)"),
+    ("llama-4", "llama4_pythonic", None, "pythonic calls (Llama 4 template)"),
+    ("llama-3", "llama3_json", None, "<|python_tag|>/JSON calls (Llama 3.1+ template)"),
+    ("llama3", "llama3_json", None, "<|python_tag|>/JSON calls (Llama 3.1+ template)"),
+    # The Llama architecture alone says nothing about the format: TinyLlama,
+    # Llama 2, SmolLM2 and most fine-tunes have no tool-call tokens.
+    ("llama", None, None, "Llama architecture without a known tool format"),
+    ("granite-4", "granite4", None, "Granite 4 <tool_call> format"),
+    ("granitemoehybrid", "granite4", None, "Granite 4 <tool_call> format"),
+    ("granite", "granite", "granite", "<|tool_call|>; 'Here is my thought process'"),
+    ("phi-4-mini", "phi4_mini_json", None, "functools[...] calls"),
+    ("phi", None, None, "Phi templates define no tool format"),
+    ("smollm3", "hermes", "qwen3", "<tool_call> JSON; <think> block"),
+    ("smollm", None, None, "SmolLM/SmolLM2 templates define no tool format"),
+    ("functiongemma", "functiongemma", None, "FunctionGemma call tokens"),
+    ("gemma4", "gemma4", "gemma4", "Gemma 4 call and thinking tokens"),
+    ("gemma-4", "gemma4", "gemma4", "Gemma 4 call and thinking tokens"),
+    ("gemma", None, None, "Gemma 1-3 templates define no tool format"),
 )
 
 
@@ -64,10 +118,38 @@ def family_parsers(
     """
     haystacks = [name.lower(), model_type.lower(), *(a.lower() for a in architectures)]
     for hay in haystacks:
-        for needle, tool, reasoning in FAMILY_PARSERS:
+        for needle, tool, reasoning, _why in FAMILY_PARSERS:
             if needle in hay:
                 return tool, reasoning, needle
     return None, None, ""
+
+
+# Tokens an automatically chosen parser needs in the vocabulary. vLLM's own
+# check accepts e.g. hermes or qwen3 on any tokenizer (they also parse the
+# markers as plain text); a guess is held to more: the model must have been
+# trained with the markers as tokens, or the guess is probably wrong.
+AUTO_MARKER_TOKENS: dict[str, tuple[str, ...]] = {
+    "hermes": ("<tool_call>", "</tool_call>"),
+    "qwen3_coder": ("<tool_call>", "</tool_call>"),
+    "llama3_json": ("<|python_tag|>",),
+    "mistral": ("[TOOL_CALLS]",),
+    "granite": ("<|tool_call|>",),
+    "qwen3": ("<think>", "</think>"),
+    "deepseek_r1": ("<think>", "</think>"),
+    "mistral_reasoning": ("[THINK]", "[/THINK]"),
+}
+
+
+def missing_markers(name: str, kind: str, vocab: Container[str]) -> str | None:
+    key = "mistral_reasoning" if (kind, name) == ("reasoning", "mistral") else name
+    missing = [t for t in AUTO_MARKER_TOKENS.get(key, ()) if t not in vocab]
+    if missing:
+        return f"the tokenizer has no {' / '.join(missing)} token"
+    return None
+
+
+# (kind, parser name) → why it cannot work with this model's tokenizer, or None.
+ParserCheck = Callable[[str, str], "str | None"]
 
 
 def choose_parsers(
@@ -79,11 +161,15 @@ def choose_parsers(
     name: str,
     known_tool: Sequence[str],
     known_reasoning: Sequence[str],
+    check: ParserCheck | None = None,
+    vocab: Container[str] | None = None,
 ) -> tuple[str | None, str | None]:
     """Explicit setting wins ("" = explicitly none); else the family table.
 
-    An unknown explicit name is an error listing the valid ones; an
-    auto-chosen name this vLLM lacks is just skipped (logged).
+    An unknown explicit name, or one `check` finds unusable with the model's
+    tokenizer, is an error (LoadModel fails before the engine starts). An
+    automatic choice this vLLM lacks or `check` rejects is skipped with a
+    warning saying why: a guess never makes a load fail.
     """
     from backend.errors import InvalidArgument
 
@@ -98,14 +184,35 @@ def choose_parsers(
                 raise InvalidArgument(
                     f"unknown {kind}_parser {explicit!r}; valid names: {', '.join(sorted(known))}"
                 )
+            problem = check(kind, explicit) if explicit and check is not None else None
+            if problem:
+                raise InvalidArgument(f"{kind}_parser {explicit!r} cannot be used: {problem}")
             chosen.append(explicit or None)
             log.info("%s parser: %s (from Options)", kind, explicit or "none")
-        elif auto and auto in known:
+            continue
+        if not auto:
+            chosen.append(None)
+            log.info("%s parser: none (no family rule for this model)", kind)
+            continue
+        if auto not in known:
+            problem = "this vLLM has no parser of that name"
+        else:
+            problem = missing_markers(auto, kind, vocab) if vocab is not None else None
+            if problem is None and check is not None:
+                problem = check(kind, auto)
+        if problem:
+            log.warning(
+                "%s parser %s (family %r) skipped: %s; set %s_parser in Options to choose one",
+                kind,
+                auto,
+                matched,
+                problem,
+                kind,
+            )
+            chosen.append(None)
+        else:
             chosen.append(auto)
             log.info("%s parser: %s (chosen for model family %r)", kind, auto, matched)
-        else:
-            chosen.append(None)
-            log.info("%s parser: none", kind)
     return chosen[0], chosen[1]
 
 
@@ -169,12 +276,80 @@ class LogprobsSink:
         return logprobs_json(self.all)
 
 
+# Text that starts a tool call in some format vLLM parses (hermes, qwen3_coder,
+# llama3_json, mistral, granite, phi4_mini_json, deepseek_v3, xlam's fenced
+# block). While a tool parser is active, streamed content stops at the first
+# of these; a suffix that could be the beginning of one waits for the next delta.
+CALL_MARKERS: tuple[str, ...] = (
+    "<tool_call>",
+    "<|tool_call|>",
+    "<|python_tag|>",
+    "[TOOL_CALLS]",
+    "functools[",
+    "<function=",
+    "<\uff5ctool\u2581calls\u2581begin\uff5c>",
+    "<\uff5ctool\u2581call\u2581begin\uff5c>",
+    "```",
+)
+# Tool parsers whose whole-text path drops all text once it finds a call
+# anywhere (llama3_json: any `{"name": ...}` object): with them, content
+# cannot be known before the end and is held whole while tools are offered.
+WHOLE_TEXT_CALL_PARSERS: frozenset[str] = frozenset({"Llama3JsonToolParser"})
+# Content that starts with one of these may be a bare call (xlam / llama3_json
+# JSON, pythonic lists): held whole when a tool parser is active.
+CALL_SHAPES: tuple[str, ...] = ("{", "[")
+
+
+def _partial_marker_at_end(text: str, markers: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a marker."""
+    longest = max(len(m) for m in markers)
+    tail = text[-longest:]
+    if not any(m[0] in tail for m in markers):
+        return 0
+    best = 0
+    for marker in markers:
+        for n in range(min(len(marker) - 1, len(text)), best, -1):
+            if text.endswith(marker[:n]):
+                best = n
+                break
+    return best
+
+
 class OutputState:
     """Per-request output state: engine deltas in, ChatPieces out.
 
-    Without a parser every delta is content. With one, each delta goes
-    through `parser.parse_delta`; the engine's last output is fed with
-    `finished=True` so the parser flushes whatever it held back.
+    Without a parser every delta is content. With one, the stream equals the
+    non-streamed (unary) result *by construction*, whatever vLLM's streaming
+    path does. vLLM 0.32's streaming and whole-text paths disagree on real
+    formats (a hermes list `<tool_call>[{...}]</tool_call>` streams as a call
+    with broken arguments but is plain content unary; a call cut by the token
+    limit streams as a partial call but is content unary; xlam leaks
+    `<tool_call` into streamed content, ...), so the rule is:
+
+    * Reasoning streams as vLLM's streaming parser splits it (minus delta
+      pieces that are just a reasoning marker such as `<think>`).
+    * Content streams while it cannot be part of a tool call: with a tool
+      parser active it stops at the first call marker (`CALL_MARKERS`), is
+      held whole when it starts like a bare call (`{`, `[`), and a trailing
+      suffix that may begin a marker, or trailing whitespace, waits for the
+      next delta.
+    * Tool calls are never streamed piecemeal. At the end of generation the
+      whole text goes through the same whole-text parse as a unary request;
+      the final piece carries what that parse has beyond what was streamed:
+      the rest of the reasoning and content, and every call complete (name
+      and whole arguments, each once).
+
+    Latency cost: a tool call (its name and arguments) reaches the client
+    with the final Reply instead of token by token, and so does any content
+    generated after a call started; an answer that starts with `{`/`[` while
+    tools are offered arrives whole at the end; other content lags by at most
+    one delta (a marker prefix or whitespace at its end). The final whole-text
+    parse costs the same as a unary request's (microseconds to a
+    millisecond; `tests/unit/test_stream_matrix.py`).
+
+    Should streamed reasoning/content ever not be a prefix of the whole-text
+    result (a format this rule does not foresee), the rest after the common
+    prefix is sent and a warning logged: a stream cannot take text back.
     """
 
     def __init__(
@@ -183,42 +358,42 @@ class OutputState:
         request: Any | None,
         logprobs: LogprobsSink | None = None,
         markers: Mapping[int, str] | None = None,
+        whole_parser: Any | None = None,
     ) -> None:
         self.parser = parser
+        # A fresh parser for the final whole-text parse (the streaming one
+        # carries state); the streaming one is used when none is given.
+        self.whole_parser = whole_parser
         # Added-token id → text: the format markers (<think>, <tool_call>, ...).
         self.markers = markers or {}
         self.request = request
         self.logprobs = logprobs
         self.prompt_token_ids: list[int] | None = None
-        self._held_space = ""  # whitespace-only content not sent yet
-        self._tool_called = False
-        self._content_started = False
-
-    def _hold_whitespace(self, piece: ChatPiece, finished: bool) -> ChatPiece:
-        """Whitespace-only content is held until real text follows.
-
-        vLLM's parsers stream the blank lines around a tool call (between
-        `</think>` and `<tool_call>`, after `</tool_call>`) as content, while
-        their whole-text path drops them. Holding them back makes the streamed
-        content equal the non-streamed content; if the answer ends with no
-        tool call, what was held is sent with the final Reply.
-        """
-        text = self._held_space + piece.content
-        self._held_space = ""
-        if piece.tool_calls:
-            # The whole-text path keeps text before the first call only when
-            # there is real text in it.
-            if not (self._content_started or text.strip()):
-                text = ""
-            self._tool_called = True
-        elif text and not text.strip() and not (finished and not self._tool_called):
-            self._held_space, text = text, ""
-        if finished and self._tool_called and not text.strip():
-            text = ""
-        if text.strip():
-            self._content_started = True
-        piece.content = text
-        return piece
+        self._chunks: list[str] = []  # the generated text so far
+        self._ids: list[int] = []
+        self._sent_content = ""
+        self._sent_reasoning = ""
+        self._pending = ""  # content not sent yet (whitespace / marker prefix at its end)
+        self._holding = False  # a call (maybe) started: content waits for the end
+        tool_parser = getattr(parser, "tool_parser", None)
+        self._tools_active = tool_parser is not None and (
+            request is None or getattr(request, "tool_choice", None) != "none"
+        )
+        self._hold_all_content = (
+            self._tools_active and type(tool_parser).__name__ in WHOLE_TEXT_CALL_PARSERS
+        )
+        # Whether the whole-text reasoning split already has content for the
+        # text so far (then content streamed after it cannot move back).
+        self._content_confirmed = getattr(parser, "reasoning_parser", None) is None
+        reasoning_parser = getattr(parser, "reasoning_parser", None)
+        self._reasoning_markers = {
+            m
+            for m in (
+                getattr(reasoning_parser, "start_token", None),
+                getattr(reasoning_parser, "end_token", None),
+            )
+            if isinstance(m, str) and m
+        }
 
     def feed(
         self,
@@ -232,7 +407,9 @@ class OutputState:
             self.logprobs.add(token_ids, positions)
         if self.parser is None:
             return ChatPiece(content=text)
-        piece = ChatPiece()
+        self._chunks.append(text)
+        self._ids.extend(token_ids)
+        streamed = ChatPiece()
         parts = self._split_markers(text, token_ids)
         for i, (part_text, part_ids) in enumerate(parts):
             delta = self.parser.parse_delta(
@@ -243,8 +420,92 @@ class OutputState:
                 finished=finished and i == len(parts) - 1,
             )
             if delta is not None:
-                merge(piece, piece_from_delta(delta))
-        return self._hold_whitespace(piece, finished)
+                part = piece_from_delta(delta)
+                if part.reasoning in self._reasoning_markers:
+                    part.reasoning = ""
+                merge(streamed, part)
+        if finished:
+            # The last piece is what the whole-text parse has beyond what was
+            # sent, whatever this delta's streamed pieces say.
+            return self._finish()
+        piece = ChatPiece(reasoning=streamed.reasoning, content=self._content(streamed))
+        self._sent_reasoning += piece.reasoning
+        self._sent_content += piece.content
+        return piece
+
+    def _content(self, streamed: ChatPiece) -> str:
+        """What of the streamed content may go out now (see the class docstring)."""
+        if streamed.tool_calls:
+            self._holding = True
+        if self._holding or self._hold_all_content:
+            return ""
+        text = self._pending + streamed.content
+        self._pending = ""
+        if text and not self._content_confirmed:
+            # vLLM's streaming path ends reasoning at the end token's *id*,
+            # its whole-text path at the end token's *text*; with the markers
+            # as special tokens skipped in the text they disagree.
+            self._content_confirmed = self._whole_text_has_content()
+            if not self._content_confirmed:
+                self._pending = text
+                return ""
+        if not self._tools_active:
+            keep = len(text) - len(text.rstrip())
+        else:
+            started = bool(self._sent_content)  # sent content never ends in whitespace
+            if not started and not text.strip():
+                self._pending = text
+                return ""
+            if not started and text.lstrip().startswith(CALL_SHAPES):
+                self._holding = True
+                return ""
+            cut = min((i for m in CALL_MARKERS if (i := text.find(m)) >= 0), default=-1)
+            if cut >= 0:
+                self._holding = True
+                text = text[:cut]
+            partial = _partial_marker_at_end(text, CALL_MARKERS)
+            body = text[: len(text) - partial]
+            keep = partial + len(body) - len(body.rstrip())
+            if self._holding:
+                return text[: len(text) - keep] if keep else text
+        if keep:
+            self._pending = text[len(text) - keep :]
+            text = text[: len(text) - keep]
+        return text
+
+    def _whole_text_has_content(self) -> bool:
+        extract = getattr(self.whole_parser or self.parser, "extract_reasoning", None)
+        if extract is None:
+            return True
+        _, content = extract("".join(self._chunks), self.request)
+        return content is not None
+
+    def _finish(self) -> ChatPiece:
+        """End of generation: what the whole-text parse has beyond what was sent."""
+        text = "".join(self._chunks)
+        whole = self._parse(self.whole_parser or self.parser, text, self._ids)
+        piece = ChatPiece(tool_calls=whole.tool_calls)
+        piece.reasoning = self._rest("reasoning", self._sent_reasoning, whole.reasoning)
+        piece.content = self._rest("content", self._sent_content, whole.content)
+        return piece
+
+    @staticmethod
+    def _rest(what: str, sent: str, whole: str) -> str:
+        if whole.startswith(sent):
+            return whole[len(sent) :]
+        common = 0
+        for a, b in zip(sent, whole, strict=False):
+            if a != b:
+                break
+            common += 1
+        log.warning(
+            "streamed %s differs from the whole-text parse after %d characters (sent %r, whole %r)",
+            what,
+            common,
+            sent[common : common + 40],
+            whole[common : common + 40],
+        )
+        return whole[common:]
 
     def _split_markers(self, text: str, ids: Sequence[int]) -> list[tuple[str, list[int]]]:
         """Give each marker token a delta of its own.
@@ -266,7 +527,15 @@ class OutputState:
             if marker is None:
                 continue
             at = text.find(marker, pos)
-            if at < 0:  # marker not in the text (skipped special token): no split
+            if at < 0:
+                # A special token skipped from the text: where it sits in the
+                # text is known only at either end of what is left.
+                if i == start:
+                    parts.append(("", [token]))
+                    start = i + 1
+                    continue
+                if i == len(ids) - 1:
+                    return [*parts, (text[pos:], ids[start:i]), ("", [token])]
                 return [(text, ids)] if not parts else [*parts, (text[pos:], ids[start:])]
             if i > start or at > pos:
                 parts.append((text[pos:at], ids[start:i]))
@@ -282,7 +551,10 @@ class OutputState:
             self.logprobs.add(token_ids, positions)
         if self.parser is None:
             return ChatPiece(content=text)
-        reasoning, content, calls = self.parser.parse(
+        return self._parse(self.parser, text, token_ids)
+
+    def _parse(self, parser: Any, text: str, token_ids: Sequence[int]) -> ChatPiece:
+        reasoning, content, calls = parser.parse(
             text, self.request, enable_auto_tools=True, model_output_token_ids=list(token_ids)
         )
         piece = ChatPiece(content=content or "", reasoning=reasoning or "")

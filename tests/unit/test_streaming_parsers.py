@@ -143,3 +143,48 @@ def test_without_a_parser_everything_is_content(tokenizer):
     state = OutputState(None, None)
     assert state.feed("<think>a</think>", [1]).content == "<think>a</think>"
     assert state.parse_whole("x<tool_call>", [1]).content == "x<tool_call>"
+
+
+class _DisagreeingParser:
+    """Streams content the whole-text parse does not have (a format no rule foresaw)."""
+
+    tool_parser = None
+    reasoning_parser = None
+
+    def parse_delta(self, *, delta_text, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(content=delta_text, reasoning=None, tool_calls=None)
+
+    def parse(self, text, request, **kwargs):
+        return None, "abXY", None
+
+
+def test_a_stream_that_diverged_from_the_whole_text_parse_is_logged(caplog):
+    state = OutputState(_DisagreeingParser(), None)
+    assert state.feed("ab", [1]).content == "ab"
+    assert state.feed("c ", [2]).content == "c"
+    with caplog.at_level("WARNING", logger="backend.parsing"):
+        last = state.feed("d", [3], finished=True)
+    # "abc" was sent; the whole-text result is "abXY": the rest after the
+    # common prefix "ab" is sent, and the divergence is logged.
+    assert last.content == "XY"
+    assert "streamed content differs from the whole-text parse after 2 characters" in caplog.text
+
+
+def test_tool_calls_are_sent_whole_with_the_last_piece(tokenizer, request_):
+    cls = _parser_cls(tokenizer, "hermes", "qwen3")
+    markers = {i: t for t, i in tokenizer.get_added_vocab().items()}
+    new = lambda: cls(tokenizer, request_.tools, chat_template_kwargs={}, model_config=None)  # noqa: E731
+    state = OutputState(new(), request_, markers=markers, whole_parser=new())
+    text = TEXTS["reasoning, text, call"]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = [
+        state.feed(tokenizer.decode([i]), [i], finished=n == len(ids) - 1)
+        for n, i in enumerate(ids)
+    ]
+    assert not any(p.tool_calls for p in pieces[:-1]), "no call before the end of generation"
+    assert "".join(p.reasoning for p in pieces[:-1]) == "\nhm\n", "reasoning streams as it comes"
+    assert "".join(p.content for p in pieces[:-1]).startswith("\n\nLet me check.")
+    (call,) = pieces[-1].tool_calls
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})
