@@ -41,6 +41,10 @@ class ServerConfig:
     # server on the event loop (backend/h2grpc.py), an explicit opt-in while
     # it is not yet hardened against hostile peers (README, issue 11).
     transport: str = "grpcio"
+    # A connection must send its HTTP/2 preface and SETTINGS within this many
+    # seconds or it is closed (grpc.aio: server_handshake_timeout_ms, whose
+    # default is 120 s).
+    handshake_timeout: float = 10.0
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -121,6 +125,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> Se
         debug_requests=args.debug_requests,
         event_loop=_event_loop(args.event_loop),
         transport=args.transport,
+        handshake_timeout=max(0.1, _number(env, "BACKEND_HANDSHAKE_TIMEOUT_S", 10.0)),
     )
 
 

@@ -77,6 +77,15 @@ MAX_HEADER_LIST = 64 * 1024
 # 50 ms pace a client pings at most 20 times a second, and keepalive pings
 # (seconds apart) are still answered at once.
 PING_ACK_INTERVAL = 0.05
+# Frames that cost work but carry no request forward (SETTINGS, PRIORITY,
+# WINDOW_UPDATE, empty DATA or CONTINUATION, unknown types, a client's
+# RST_STREAM: the rapid-reset attack) are counted per connection: more than
+# ABUSE_LIMIT of them within ABUSE_WINDOW seconds is a flood, answered with
+# GOAWAY(ENHANCE_YOUR_CALM) as nghttp2, grpc-go and C-core do. A well-behaved
+# client sends a few hundred a second at most (grpc-go's WINDOW_UPDATEs at 256
+# streams), so this bounds the loop time one connection can take.
+ABUSE_LIMIT = 2000
+ABUSE_WINDOW = 1.0
 
 _GRPC_PREFIX = struct.Struct(">BI")
 
@@ -299,6 +308,9 @@ class _Connection(asyncio.Protocol):
         self.last_ping_ack = -PING_ACK_INTERVAL
         self.ping_payloads: list[bytes] = []  # PINGs waiting for their ACK
         self.ping_timer: asyncio.TimerHandle | None = None
+        self.preface_timer: asyncio.TimerHandle | None = None
+        self.abuse = 0
+        self.abuse_since = time.monotonic()
 
     # ---- asyncio.Protocol ----------------------------------------------------
 
@@ -330,6 +342,15 @@ class _Connection(asyncio.Protocol):
         )
         self.server.connections.add(self)
         self._schedule_keepalive()
+        self.preface_timer = asyncio.get_running_loop().call_later(
+            self.server.handshake_timeout, self._preface_expired
+        )
+
+    def _preface_expired(self) -> None:
+        self.preface_timer = None
+        if not self.preface_seen:
+            log.warning("closing connection from %s: no HTTP/2 preface in time", self.peer)
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -338,6 +359,8 @@ class _Connection(asyncio.Protocol):
             self.keepalive.cancel()
         if self.ping_timer is not None:
             self.ping_timer.cancel()
+        if self.preface_timer is not None:
+            self.preface_timer.cancel()
         for stream in list(self.streams.values()):
             self._cancel(stream, None)
         self.streams.clear()
@@ -392,9 +415,23 @@ class _Connection(asyncio.Protocol):
 
     # ---- frames in -----------------------------------------------------------
 
+    def _charge(self) -> None:
+        """Count one frame that does no work for a request (see ABUSE_LIMIT)."""
+        self.abuse += 1
+        if self.abuse > ABUSE_LIMIT:
+            now = time.monotonic()
+            if now - self.abuse_since < ABUSE_WINDOW:
+                raise ConnectionError_(ENHANCE_YOUR_CALM, "flood of control or empty frames")
+            self.abuse = 1
+            self.abuse_since = now
+
     def _frame_received(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         if self.header_stream and kind != CONTINUATION:
             raise ConnectionError_(PROTOCOL_ERROR, "expected CONTINUATION")
+        if (kind in (SETTINGS, WINDOW_UPDATE, PRIORITY, RST_STREAM) or kind > CONTINUATION) or (
+            not payload and kind in (DATA, CONTINUATION) and not flags & END_STREAM
+        ):
+            self._charge()
         if kind == DATA:
             self._on_data(flags, stream_id, payload)
         elif kind == HEADERS:
@@ -421,6 +458,8 @@ class _Connection(asyncio.Protocol):
         elif kind == RST_STREAM:
             if stream_id == 0 or len(payload) != 4:
                 raise ConnectionError_(PROTOCOL_ERROR, "bad RST_STREAM")
+            if stream_id > self.last_stream_id:
+                raise ConnectionError_(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
             stream = self.streams.pop(stream_id, None)
             self.blocked.pop(stream_id, None)
             if stream is not None:
@@ -488,6 +527,11 @@ class _Connection(asyncio.Protocol):
         else:
             stream = self.streams.get(stream_id)
             if stream is None:
+                if stream_id > self.last_stream_id:
+                    raise ConnectionError_(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
+                return
+            if stream.send_window + increment > MAX_WINDOW:
+                self._reset(stream, FLOW_CONTROL_ERROR)  # RFC 9113 §6.9.1
                 return
             stream.send_window += increment
         self._flush_pending()
@@ -498,6 +542,8 @@ class _Connection(asyncio.Protocol):
         pad = 0
         start = 0
         if flags & PADDED:
+            if not payload:
+                raise ConnectionError_(FRAME_SIZE_ERROR, "PADDED HEADERS without a pad length")
             pad = payload[0]
             start = 1
         if flags & PRIORITY_FLAG:
@@ -543,6 +589,7 @@ class _Connection(asyncio.Protocol):
     def _start(self, stream: _Stream) -> None:
         """Validate the request headers; errors end the stream at once."""
         path = method = content_type = b""
+        te = b"trailers"
         auth = None
         for key, value in stream.headers:
             if key == b":path":
@@ -551,6 +598,8 @@ class _Connection(asyncio.Protocol):
                 method = value
             elif key == b"content-type":
                 content_type = value
+            elif key == b"te":
+                te = value
             elif key == b"grpc-timeout":
                 timeout = parse_timeout(value)
                 if timeout is not None:
@@ -559,7 +608,13 @@ class _Connection(asyncio.Protocol):
                 stream.encoding = value
             elif key == b"authorization":
                 auth = value
-        if method != b"POST" or not content_type.startswith(b"application/grpc"):
+        if te != b"trailers":  # RFC 9113 §8.2.2: a malformed request
+            self._reset(stream, PROTOCOL_ERROR)
+            return
+        grpc_type = content_type == _CT or content_type.startswith(
+            (b"application/grpc+", b"application/grpc;")
+        )
+        if method != b"POST" or not grpc_type:
             # Not a gRPC request (RFC: answer 415 for a wrong content type).
             block = b"\x00" + _hpack_int(7, 7) + b":status" + _hpack_int(3, 7) + b"415"
             self._end(stream, _frame(HEADERS, END_HEADERS | END_STREAM, stream.id, block))
@@ -595,6 +650,8 @@ class _Connection(asyncio.Protocol):
             self._write(_frame(WINDOW_UPDATE, 0, 0, self.recv_unacked.to_bytes(4, "big")))
             self.recv_unacked = 0
         stream = self.streams.get(stream_id)
+        if stream is None and stream_id > self.last_stream_id:
+            raise ConnectionError_(PROTOCOL_ERROR, "DATA on an idle stream")
         if stream is None or stream.done:
             return
         stream.recv_unacked += size
@@ -795,6 +852,13 @@ class _Connection(asyncio.Protocol):
             out += _frame(RST_STREAM, 0, stream.id, NO_ERROR.to_bytes(4, "big"))
         self._end(stream, out)
 
+    def _reset(self, stream: _Stream, code: int) -> None:
+        """End the stream with RST_STREAM(code), dropping what it still had to send."""
+        stream.pending = bytearray()
+        stream.after = b""
+        self.blocked.pop(stream.id, None)
+        self._end(stream, _frame(RST_STREAM, 0, stream.id, code.to_bytes(4, "big")))
+
     def _end(self, stream: _Stream, data: bytes) -> None:
         stream.done = True
         if stream.timer is not None:
@@ -870,6 +934,7 @@ class Server:
         max_concurrent_streams: int = 1000,
         keepalive_time: float = 30.0,
         keepalive_timeout: float = 10.0,
+        handshake_timeout: float = 10.0,
     ) -> None:
         self.methods = methods
         self.auth = f"Bearer {auth_token}".encode() if auth_token else None
@@ -877,6 +942,7 @@ class Server:
         self.max_concurrent_streams = max_concurrent_streams
         self.keepalive_time = keepalive_time
         self.keepalive_timeout = keepalive_timeout
+        self.handshake_timeout = handshake_timeout  # for the client preface
         self.connections: set[_Connection] = set()
         self.listeners: list[asyncio.Server] = []
         self.stopping = False

@@ -83,6 +83,7 @@ def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.so_reuseport", 0),
+        ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout * 1000)),
     ]
 
 
@@ -133,6 +134,7 @@ class H2Server:
             max_concurrent_streams=MAX_CONCURRENT_STREAMS,
             keepalive_time=KEEPALIVE_TIME_S,
             keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+            handshake_timeout=config.handshake_timeout,
         )
         self.addr = config.addr
 
