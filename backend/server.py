@@ -12,9 +12,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from backend.config import ServerConfig
-from backend.gen import backend_pb2_grpc
+from backend.gen import backend_pb2, backend_pb2_grpc
+from backend.health import HealthService
 from backend.servicer import BackendServicer
 
 log = logging.getLogger(__name__)
@@ -99,6 +102,17 @@ async def _watch_parent(parent: int, interval: float, stop: asyncio.Event) -> No
 EXIT_ENGINE_DEATH = 3
 
 
+def health_of(servicer: Any) -> HealthService:
+    """grpc.health.v1.Health for `servicer`: SERVING while it has a model whose
+    engine is alive."""
+
+    def serving() -> bool:
+        model = servicer.model
+        return model is not None and not model.engine.errored
+
+    return HealthService(serving)
+
+
 class GrpcioServer:
     """grpc.aio (C core) behind the same two calls as H2Server."""
 
@@ -106,6 +120,18 @@ class GrpcioServer:
         interceptors = [AuthInterceptor(config.auth_token)] if config.auth_token else []
         self.server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
         backend_pb2_grpc.add_BackendServicer_to_server(servicer, self.server)
+        self.health = health_of(servicer)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # Server reflection (grpcurl list/describe): what the services are is
+        # public anyway (backend.proto); calls still need the token if set.
+        reflection.enable_server_reflection(
+            (
+                backend_pb2.DESCRIPTOR.services_by_name["Backend"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
         self.addr = config.addr
 
     async def listen(self) -> int:
@@ -116,6 +142,7 @@ class GrpcioServer:
         return int(port)
 
     async def stop(self, grace: float) -> None:
+        self.health.stopping = True
         await self.server.stop(grace)
 
 
@@ -124,11 +151,17 @@ class H2Server:
 
     def __init__(self, config: ServerConfig, servicer: Any) -> None:
         from backend import h2grpc
-        from backend.gen import backend_pb2
 
         service = backend_pb2.DESCRIPTOR.services_by_name["Backend"]
+        self.health = health_of(servicer)
+        methods = h2grpc.methods_of(servicer, service)
+        # Health yes; reflection no (its one method is a bidirectional stream,
+        # which h2grpc does not serve).
+        methods.update(
+            h2grpc.methods_of(self.health, health_pb2.DESCRIPTOR.services_by_name["Health"])
+        )
         self.server = h2grpc.Server(
-            h2grpc.methods_of(servicer, service),
+            methods,
             auth_token=config.auth_token,
             max_message_bytes=config.max_message_bytes,
             max_concurrent_streams=MAX_CONCURRENT_STREAMS,
@@ -145,6 +178,7 @@ class H2Server:
             raise SystemExit(f"cannot listen on {self.addr}: {exc}") from None
 
     async def stop(self, grace: float) -> None:
+        self.health.stopping = True
         await self.server.stop(grace)
 
 
