@@ -86,6 +86,10 @@ PING_ACK_INTERVAL = 0.05
 # streams), so this bounds the loop time one connection can take.
 ABUSE_LIMIT = 2000
 ABUSE_WINDOW = 1.0
+# Ended streams remembered per connection, for what the peer may still send on
+# them: DATA in flight up to the window it had (beyond: FLOW_CONTROL_ERROR),
+# nothing after its own END_STREAM or RST_STREAM (STREAM_CLOSED).
+GONE_REMEMBERED = 1024
 
 _GRPC_PREFIX = struct.Struct(">BI")
 
@@ -250,6 +254,7 @@ class _Stream:
         "method",
         "pending",
         "recv_unacked",
+        "recv_window",
         "remote_closed",
         "send_window",
         "task",
@@ -276,6 +281,7 @@ class _Stream:
         self.cancel_status: tuple[int, str] | None = None
         self.method: Method | None = None
         self.recv_unacked = 0
+        self.recv_window = RECV_WINDOW  # what the peer may still send (our SETTINGS)
         self.after = b""  # trailers waiting for `pending` to leave
 
 
@@ -311,6 +317,9 @@ class _Connection(asyncio.Protocol):
         self.preface_timer: asyncio.TimerHandle | None = None
         self.abuse = 0
         self.abuse_since = time.monotonic()
+        self.recv_window = RECV_WINDOW  # the connection window the peer has left
+        self.buffered = 0  # request bytes held in stream bodies
+        self.gone: dict[int, int] = {}  # see GONE_REMEMBERED; -1: the peer had ended it
 
     # ---- asyncio.Protocol ----------------------------------------------------
 
@@ -464,6 +473,8 @@ class _Connection(asyncio.Protocol):
             self.blocked.pop(stream_id, None)
             if stream is not None:
                 self._cancel(stream, None)
+                stream.remote_closed = True  # nothing more may come on it
+                self._forget(stream)
         elif kind == GOAWAY:
             pass  # the client stops opening streams; the open ones finish
         elif kind == PRIORITY:
@@ -571,7 +582,12 @@ class _Connection(asyncio.Protocol):
                 self._remote_end(stream)
             return
         if stream_id <= self.last_stream_id:
-            return  # a stream we already finished (closed, or reset by either side)
+            left = self.gone.get(stream_id)
+            if left is None:  # never opened: ids must grow (RFC 9113 §5.1.1)
+                raise ConnectionError_(PROTOCOL_ERROR, "HEADERS on a lower stream id")
+            if left < 0:
+                raise ConnectionError_(STREAM_CLOSED, "HEADERS after the stream ended")
+            return  # trailers racing our reset of the stream
         self.last_stream_id = stream_id
         if self.goaway_sent or self.server.stopping:
             self._write(_frame(RST_STREAM, 0, stream_id, REFUSED_STREAM.to_bytes(4, "big")))
@@ -625,7 +641,9 @@ class _Connection(asyncio.Protocol):
             return
         target = server.methods.get(path.decode("latin-1"))
         if target is None:
-            self._finish(stream, 12, f"Method not found: {path.decode('latin-1')}")
+            # The path is the peer's (up to the header list limit): echo a
+            # bounded prefix, or each refusal costs a copy of it both ways.
+            self._finish(stream, 12, f"Method not found: {path[:200].decode('latin-1')}")
             return
         if stream.encoding not in (b"identity", b"gzip", b"deflate"):
             self._finish(stream, 12, f"unsupported grpc-encoding {stream.encoding.decode()!r}")
@@ -643,32 +661,75 @@ class _Connection(asyncio.Protocol):
             if not payload or payload[0] >= size:
                 raise ConnectionError_(PROTOCOL_ERROR, "bad DATA padding")
             payload = payload[1 : size - payload[0]]
-        # Give the window back right away: what we buffer is bounded by the
-        # message size cap below, not by the window.
+        # Inbound flow control (RFC 9113 §6.9). The connection window goes back
+        # as bytes arrive: what is kept is bounded below, per stream (one
+        # message) and per connection (server.max_buffered), the rest dropped.
+        self.recv_window -= size
+        if self.recv_window < 0:
+            raise ConnectionError_(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
         self.recv_unacked += size
         if self.recv_unacked >= RECV_WINDOW // 2:
             self._write(_frame(WINDOW_UPDATE, 0, 0, self.recv_unacked.to_bytes(4, "big")))
+            self.recv_window += self.recv_unacked
             self.recv_unacked = 0
         stream = self.streams.get(stream_id)
-        if stream is None and stream_id > self.last_stream_id:
-            raise ConnectionError_(PROTOCOL_ERROR, "DATA on an idle stream")
         if stream is None or stream.done:
+            if stream_id > self.last_stream_id:
+                raise ConnectionError_(PROTOCOL_ERROR, "DATA on an idle stream")
+            left = self.gone.get(stream_id)
+            if left is not None:
+                if left < 0:
+                    raise ConnectionError_(STREAM_CLOSED, "DATA after the stream ended")
+                if left < size:
+                    raise ConnectionError_(
+                        FLOW_CONTROL_ERROR, "DATA beyond a closed stream's window"
+                    )
+                self.gone[stream_id] = left - size
             return
-        stream.recv_unacked += size
-        if stream.recv_unacked >= RECV_WINDOW // 2 and not flags & END_STREAM:
-            self._write(_frame(WINDOW_UPDATE, 0, stream_id, stream.recv_unacked.to_bytes(4, "big")))
-            stream.recv_unacked = 0
-        stream.body += payload
+        if stream.remote_closed:  # half-closed (remote): RFC 9113 §5.1
+            self._reset(stream, STREAM_CLOSED)
+            return
+        stream.recv_window -= size
+        if stream.recv_window < 0:
+            self._reset(stream, FLOW_CONTROL_ERROR)
+            return
+        body = stream.body
+        body += payload
+        self.buffered += len(payload)
         limit = self.server.max_message_bytes
-        if len(stream.body) >= 5:
-            declared = int.from_bytes(stream.body[1:5], "big")
+        complete = False
+        if len(body) >= 5:
+            declared = int.from_bytes(body[1:5], "big")
             if declared > limit:
                 self._finish(
                     stream, 8, f"Received message larger than max ({declared} vs. {limit})"
                 )
                 return
+            if len(body) > 5 + declared:  # a unary call carries one message
+                self._finish(stream, 13, "the request must be exactly one message")
+                return
+            complete = len(body) == 5 + declared
+        if self.buffered > self.server.max_buffered:
+            self._finish(stream, 8, "too many request bytes waiting on this connection")
+            return
         if flags & END_STREAM:
             self._remote_end(stream)
+        elif not complete:  # window for the rest of the message only
+            stream.recv_unacked += size
+            if stream.recv_unacked >= RECV_WINDOW // 2:
+                unacked = stream.recv_unacked
+                self._write(_frame(WINDOW_UPDATE, 0, stream_id, unacked.to_bytes(4, "big")))
+                stream.recv_window += unacked
+                stream.recv_unacked = 0
+
+    def _forget(self, stream: _Stream) -> None:
+        """The stream ended: free its body, remember what the peer may still send."""
+        self.buffered -= len(stream.body)
+        stream.body = bytearray()
+        gone = self.gone
+        gone[stream.id] = -1 if stream.remote_closed else max(0, stream.recv_window)
+        if len(gone) > GONE_REMEMBERED:
+            del gone[next(iter(gone))]
 
     def _remote_end(self, stream: _Stream) -> None:
         """The request is complete: decode it and run the handler."""
@@ -687,6 +748,7 @@ class _Connection(asyncio.Protocol):
             self._finish(stream, 13, "the request must be exactly one message")
             return
         raw = bytes(body[5:])
+        self.buffered -= len(body)
         stream.body = bytearray()
         try:
             if compressed:
@@ -861,6 +923,7 @@ class _Connection(asyncio.Protocol):
 
     def _end(self, stream: _Stream, data: bytes) -> None:
         stream.done = True
+        self._forget(stream)
         if stream.timer is not None:
             stream.timer.cancel()
             stream.timer = None
@@ -939,6 +1002,8 @@ class Server:
         self.methods = methods
         self.auth = f"Bearer {auth_token}".encode() if auth_token else None
         self.max_message_bytes = max_message_bytes
+        # Request bytes one connection may have waiting in unfinished calls.
+        self.max_buffered = max_message_bytes + RECV_WINDOW
         self.max_concurrent_streams = max_concurrent_streams
         self.keepalive_time = keepalive_time
         self.keepalive_timeout = keepalive_timeout
