@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import logging
 import socket
@@ -380,10 +381,18 @@ class _Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.paused is None or self.paused.done():
             self.paused = asyncio.get_running_loop().create_future()
+        # A peer that does not read its replies gets no more requests read
+        # (and answered) until it does: what we queue for it stays bounded.
+        if self.transport is not None and not self.closing:
+            with contextlib.suppress(RuntimeError):
+                self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         if self.paused is not None and not self.paused.done():
             self.paused.set_result(None)
+        if self.transport is not None and not self.closing:
+            with contextlib.suppress(RuntimeError):
+                self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
