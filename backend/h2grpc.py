@@ -645,7 +645,11 @@ class _Connection(asyncio.Protocol):
             self._end(stream, _frame(HEADERS, END_HEADERS | END_STREAM, stream.id, block))
             return
         server = self.server
-        if server.auth is not None and not hmac.compare_digest(auth or b"", server.auth):
+        if (
+            server.auth is not None
+            and not path.startswith(server.auth_exempt)
+            and not hmac.compare_digest(auth or b"", server.auth)
+        ):
             self._finish(stream, 16, "missing or invalid authorization bearer token")
             return
         target = server.methods.get(path.decode("latin-1"))
@@ -1007,9 +1011,12 @@ class Server:
         keepalive_time: float = 30.0,
         keepalive_timeout: float = 10.0,
         handshake_timeout: float = 10.0,
+        auth_exempt: tuple[str, ...] = (),
     ) -> None:
         self.methods = methods
         self.auth = f"Bearer {auth_token}".encode() if auth_token else None
+        # Path prefixes served without the token (the standard health service).
+        self.auth_exempt = tuple(p.encode() for p in auth_exempt)
         self.max_message_bytes = max_message_bytes
         # Request bytes one connection may have waiting in unfinished calls.
         self.max_buffered = max_message_bytes + RECV_WINDOW

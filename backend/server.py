@@ -23,8 +23,14 @@ from backend.servicer import BackendServicer
 log = logging.getLogger(__name__)
 
 
+# Served without the token: Kubernetes' gRPC probes and load balancers cannot
+# send one, and it tells no more than SERVING / NOT_SERVING.
+AUTH_EXEMPT = ("/grpc.health.v1.Health/",)
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Every RPC must carry `authorization: Bearer <token>` (constant-time check)."""
+    """Every RPC but AUTH_EXEMPT must carry `authorization: Bearer <token>`
+    (constant-time check)."""
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
@@ -35,6 +41,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
+        if details.method.startswith(AUTH_EXEMPT):
+            return handler
         given = b""
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
@@ -168,6 +176,7 @@ class H2Server:
             keepalive_time=KEEPALIVE_TIME_S,
             keepalive_timeout=KEEPALIVE_TIMEOUT_S,
             handshake_timeout=config.handshake_timeout,
+            auth_exempt=AUTH_EXEMPT,
         )
         self.addr = config.addr
 

@@ -68,3 +68,30 @@ def test_watch_sends_the_current_status_then_each_change_once() -> None:
 
     asyncio.run(run())
     assert ctx.written == [NOT_SERVING, SERVING, NOT_SERVING]
+
+
+def test_health_needs_no_token_on_h2_where_everything_else_does() -> None:
+    from grpc_health.v1 import health_pb2_grpc
+
+    from backend import h2grpc
+    from backend.gen import backend_pb2 as pb
+    from backend.gen import backend_pb2_grpc
+    from backend.server import AUTH_EXEMPT
+    from tests.h2server import Running
+
+    server = Running(auth_token="secret", auth_exempt=AUTH_EXEMPT)
+    # Running serves the Backend test servicer; add the health service.
+    health = HealthService(lambda: True)
+    server.server.methods.update(
+        h2grpc.methods_of(health, hpb.DESCRIPTOR.services_by_name["Health"])
+    )
+    try:
+        channel = server.channel()
+        reply = health_pb2_grpc.HealthStub(channel).Check(hpb.HealthCheckRequest(), timeout=10)
+        assert reply.status == SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            backend_pb2_grpc.BackendStub(channel).Health(pb.HealthMessage(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        channel.close()
+    finally:
+        server.close()
