@@ -19,7 +19,9 @@ like target B's in another, same session. Two numbers:
   With --concurrency, also at c streams at once (`by_concurrency`: each of the
   c streams sends max(20, messages // c) messages at the cadence; the client is
   one Python process, so at c=256 it may not keep the cadence: the number is
-  server CPU per message actually sent, whatever the rate).
+  server CPU per message actually sent, whatever the rate), and
+  `ttft_by_concurrency`: first-message latency when c streams are sent at once
+  (5 rounds; includes this Python client's own cost of c concurrent calls).
 """
 
 from __future__ import annotations
@@ -111,6 +113,25 @@ async def _measure(
         await asyncio.gather(*(one() for _ in range(c)))
         return cpu_seconds(server_pid, False) - before, each * c
 
+    async def first(request: pb.PredictOptions) -> float:
+        sent = time.perf_counter()
+        async for _ in stub.PredictStream(request):
+            return (time.perf_counter() - sent) * 1000.0
+        return float("nan")
+
+    ttft_by_c: dict[str, dict[str, float]] = {}
+    for c in concurrency:  # c streams sent at once, the server writes at once
+        firsts_c: list[float] = []
+        for _ in range(5):
+            firsts_c += await asyncio.gather(
+                *(first(pb.PredictOptions(Tokens=1)) for _ in range(c))
+            )
+        firsts_c.sort()
+        ttft_by_c[f"c{c}"] = {
+            "p50_ms": statistics.median(firsts_c),
+            "p95_ms": firsts_c[int(len(firsts_c) * 0.95)],
+        }
+
     by_c: dict[str, float] = {}
     for c in concurrency:
         runs = [(await streams(c, False), await streams(c, True)) for _ in range(3)]
@@ -120,6 +141,7 @@ async def _measure(
     await channel.close()
     return {
         "server_cpu_us_per_msg_by_concurrency": by_c,
+        "ttft_by_concurrency": ttft_by_c,
         "ttft_ms": statistics.median(firsts),
         "ttft_p95_ms": sorted(firsts)[int(len(firsts) * 0.95)],
         "cadence_ms": cadence_ms,
