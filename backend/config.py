@@ -48,6 +48,10 @@ class ServerConfig:
     transport: str = "grpcio"
     # HOST:PORT of the Prometheus endpoint (backend/metrics.py); None = off.
     metrics_addr: str | None = None
+    # A connection must send its HTTP/2 preface and SETTINGS within this many
+    # seconds or it is closed (grpc.aio: server_handshake_timeout_ms, whose
+    # default is 120 s).
+    handshake_timeout: float = 10.0
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -149,6 +153,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> Se
         event_loop=_event_loop(args.event_loop),
         transport=args.transport,
         metrics_addr=metrics_addr,
+        handshake_timeout=max(0.1, _number(env, "BACKEND_HANDSHAKE_TIMEOUT_S", 10.0)),
     )
 
 

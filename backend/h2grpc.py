@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import logging
 import socket
@@ -77,6 +78,19 @@ MAX_HEADER_LIST = 64 * 1024
 # 50 ms pace a client pings at most 20 times a second, and keepalive pings
 # (seconds apart) are still answered at once.
 PING_ACK_INTERVAL = 0.05
+# Frames that cost work but carry no request forward (SETTINGS, PRIORITY,
+# WINDOW_UPDATE, empty DATA or CONTINUATION, unknown types, a client's
+# RST_STREAM: the rapid-reset attack) are counted per connection: more than
+# ABUSE_LIMIT of them within ABUSE_WINDOW seconds is a flood, answered with
+# GOAWAY(ENHANCE_YOUR_CALM) as nghttp2, grpc-go and C-core do. A well-behaved
+# client sends a few hundred a second at most (grpc-go's WINDOW_UPDATEs at 256
+# streams), so this bounds the loop time one connection can take.
+ABUSE_LIMIT = 2000
+ABUSE_WINDOW = 1.0
+# Ended streams remembered per connection, for what the peer may still send on
+# them: DATA in flight up to the window it had (beyond: FLOW_CONTROL_ERROR),
+# nothing after its own END_STREAM or RST_STREAM (STREAM_CLOSED).
+GONE_REMEMBERED = 1024
 
 _GRPC_PREFIX = struct.Struct(">BI")
 
@@ -241,6 +255,7 @@ class _Stream:
         "method",
         "pending",
         "recv_unacked",
+        "recv_window",
         "remote_closed",
         "send_window",
         "task",
@@ -267,6 +282,7 @@ class _Stream:
         self.cancel_status: tuple[int, str] | None = None
         self.method: Method | None = None
         self.recv_unacked = 0
+        self.recv_window = RECV_WINDOW  # what the peer may still send (our SETTINGS)
         self.after = b""  # trailers waiting for `pending` to leave
 
 
@@ -299,6 +315,12 @@ class _Connection(asyncio.Protocol):
         self.last_ping_ack = -PING_ACK_INTERVAL
         self.ping_payloads: list[bytes] = []  # PINGs waiting for their ACK
         self.ping_timer: asyncio.TimerHandle | None = None
+        self.preface_timer: asyncio.TimerHandle | None = None
+        self.abuse = 0
+        self.abuse_since = time.monotonic()
+        self.recv_window = RECV_WINDOW  # the connection window the peer has left
+        self.buffered = 0  # request bytes held in stream bodies
+        self.gone: dict[int, int] = {}  # see GONE_REMEMBERED; -1: the peer had ended it
 
     # ---- asyncio.Protocol ----------------------------------------------------
 
@@ -330,6 +352,15 @@ class _Connection(asyncio.Protocol):
         )
         self.server.connections.add(self)
         self._schedule_keepalive()
+        self.preface_timer = asyncio.get_running_loop().call_later(
+            self.server.handshake_timeout, self._preface_expired
+        )
+
+    def _preface_expired(self) -> None:
+        self.preface_timer = None
+        if not self.preface_seen:
+            log.warning("closing connection from %s: no HTTP/2 preface in time", self.peer)
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -338,6 +369,8 @@ class _Connection(asyncio.Protocol):
             self.keepalive.cancel()
         if self.ping_timer is not None:
             self.ping_timer.cancel()
+        if self.preface_timer is not None:
+            self.preface_timer.cancel()
         for stream in list(self.streams.values()):
             self._cancel(stream, None)
         self.streams.clear()
@@ -348,10 +381,18 @@ class _Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.paused is None or self.paused.done():
             self.paused = asyncio.get_running_loop().create_future()
+        # A peer that does not read its replies gets no more requests read
+        # (and answered) until it does: what we queue for it stays bounded.
+        if self.transport is not None and not self.closing:
+            with contextlib.suppress(RuntimeError):
+                self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         if self.paused is not None and not self.paused.done():
             self.paused.set_result(None)
+        if self.transport is not None and not self.closing:
+            with contextlib.suppress(RuntimeError):
+                self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
@@ -392,9 +433,23 @@ class _Connection(asyncio.Protocol):
 
     # ---- frames in -----------------------------------------------------------
 
+    def _charge(self) -> None:
+        """Count one frame that does no work for a request (see ABUSE_LIMIT)."""
+        self.abuse += 1
+        if self.abuse > ABUSE_LIMIT:
+            now = time.monotonic()
+            if now - self.abuse_since < ABUSE_WINDOW:
+                raise ConnectionError_(ENHANCE_YOUR_CALM, "flood of control or empty frames")
+            self.abuse = 1
+            self.abuse_since = now
+
     def _frame_received(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         if self.header_stream and kind != CONTINUATION:
             raise ConnectionError_(PROTOCOL_ERROR, "expected CONTINUATION")
+        if (kind in (SETTINGS, WINDOW_UPDATE, PRIORITY, RST_STREAM) or kind > CONTINUATION) or (
+            not payload and kind in (DATA, CONTINUATION) and not flags & END_STREAM
+        ):
+            self._charge()
         if kind == DATA:
             self._on_data(flags, stream_id, payload)
         elif kind == HEADERS:
@@ -421,10 +476,14 @@ class _Connection(asyncio.Protocol):
         elif kind == RST_STREAM:
             if stream_id == 0 or len(payload) != 4:
                 raise ConnectionError_(PROTOCOL_ERROR, "bad RST_STREAM")
+            if stream_id > self.last_stream_id:
+                raise ConnectionError_(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
             stream = self.streams.pop(stream_id, None)
             self.blocked.pop(stream_id, None)
             if stream is not None:
                 self._cancel(stream, None)
+                stream.remote_closed = True  # nothing more may come on it
+                self._forget(stream)
         elif kind == GOAWAY:
             pass  # the client stops opening streams; the open ones finish
         elif kind == PRIORITY:
@@ -488,6 +547,11 @@ class _Connection(asyncio.Protocol):
         else:
             stream = self.streams.get(stream_id)
             if stream is None:
+                if stream_id > self.last_stream_id:
+                    raise ConnectionError_(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
+                return
+            if stream.send_window + increment > MAX_WINDOW:
+                self._reset(stream, FLOW_CONTROL_ERROR)  # RFC 9113 §6.9.1
                 return
             stream.send_window += increment
         self._flush_pending()
@@ -498,6 +562,8 @@ class _Connection(asyncio.Protocol):
         pad = 0
         start = 0
         if flags & PADDED:
+            if not payload:
+                raise ConnectionError_(FRAME_SIZE_ERROR, "PADDED HEADERS without a pad length")
             pad = payload[0]
             start = 1
         if flags & PRIORITY_FLAG:
@@ -525,7 +591,12 @@ class _Connection(asyncio.Protocol):
                 self._remote_end(stream)
             return
         if stream_id <= self.last_stream_id:
-            return  # a stream we already finished (closed, or reset by either side)
+            left = self.gone.get(stream_id)
+            if left is None:  # never opened: ids must grow (RFC 9113 §5.1.1)
+                raise ConnectionError_(PROTOCOL_ERROR, "HEADERS on a lower stream id")
+            if left < 0:
+                raise ConnectionError_(STREAM_CLOSED, "HEADERS after the stream ended")
+            return  # trailers racing our reset of the stream
         self.last_stream_id = stream_id
         if self.goaway_sent or self.server.stopping:
             self._write(_frame(RST_STREAM, 0, stream_id, REFUSED_STREAM.to_bytes(4, "big")))
@@ -543,6 +614,7 @@ class _Connection(asyncio.Protocol):
     def _start(self, stream: _Stream) -> None:
         """Validate the request headers; errors end the stream at once."""
         path = method = content_type = b""
+        te = b"trailers"
         auth = None
         for key, value in stream.headers:
             if key == b":path":
@@ -551,6 +623,8 @@ class _Connection(asyncio.Protocol):
                 method = value
             elif key == b"content-type":
                 content_type = value
+            elif key == b"te":
+                te = value
             elif key == b"grpc-timeout":
                 timeout = parse_timeout(value)
                 if timeout is not None:
@@ -559,18 +633,30 @@ class _Connection(asyncio.Protocol):
                 stream.encoding = value
             elif key == b"authorization":
                 auth = value
-        if method != b"POST" or not content_type.startswith(b"application/grpc"):
+        if te != b"trailers":  # RFC 9113 §8.2.2: a malformed request
+            self._reset(stream, PROTOCOL_ERROR)
+            return
+        grpc_type = content_type == _CT or content_type.startswith(
+            (b"application/grpc+", b"application/grpc;")
+        )
+        if method != b"POST" or not grpc_type:
             # Not a gRPC request (RFC: answer 415 for a wrong content type).
             block = b"\x00" + _hpack_int(7, 7) + b":status" + _hpack_int(3, 7) + b"415"
             self._end(stream, _frame(HEADERS, END_HEADERS | END_STREAM, stream.id, block))
             return
         server = self.server
-        if server.auth is not None and not hmac.compare_digest(auth or b"", server.auth):
+        if (
+            server.auth is not None
+            and not path.startswith(server.auth_exempt)
+            and not hmac.compare_digest(auth or b"", server.auth)
+        ):
             self._finish(stream, 16, "missing or invalid authorization bearer token")
             return
         target = server.methods.get(path.decode("latin-1"))
         if target is None:
-            self._finish(stream, 12, f"Method not found: {path.decode('latin-1')}")
+            # The path is the peer's (up to the header list limit): echo a
+            # bounded prefix, or each refusal costs a copy of it both ways.
+            self._finish(stream, 12, f"Method not found: {path[:200].decode('latin-1')}")
             return
         if stream.encoding not in (b"identity", b"gzip", b"deflate"):
             self._finish(stream, 12, f"unsupported grpc-encoding {stream.encoding.decode()!r}")
@@ -588,30 +674,75 @@ class _Connection(asyncio.Protocol):
             if not payload or payload[0] >= size:
                 raise ConnectionError_(PROTOCOL_ERROR, "bad DATA padding")
             payload = payload[1 : size - payload[0]]
-        # Give the window back right away: what we buffer is bounded by the
-        # message size cap below, not by the window.
+        # Inbound flow control (RFC 9113 §6.9). The connection window goes back
+        # as bytes arrive: what is kept is bounded below, per stream (one
+        # message) and per connection (server.max_buffered), the rest dropped.
+        self.recv_window -= size
+        if self.recv_window < 0:
+            raise ConnectionError_(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
         self.recv_unacked += size
         if self.recv_unacked >= RECV_WINDOW // 2:
             self._write(_frame(WINDOW_UPDATE, 0, 0, self.recv_unacked.to_bytes(4, "big")))
+            self.recv_window += self.recv_unacked
             self.recv_unacked = 0
         stream = self.streams.get(stream_id)
         if stream is None or stream.done:
+            if stream_id > self.last_stream_id:
+                raise ConnectionError_(PROTOCOL_ERROR, "DATA on an idle stream")
+            left = self.gone.get(stream_id)
+            if left is not None:
+                if left < 0:
+                    raise ConnectionError_(STREAM_CLOSED, "DATA after the stream ended")
+                if left < size:
+                    raise ConnectionError_(
+                        FLOW_CONTROL_ERROR, "DATA beyond a closed stream's window"
+                    )
+                self.gone[stream_id] = left - size
             return
-        stream.recv_unacked += size
-        if stream.recv_unacked >= RECV_WINDOW // 2 and not flags & END_STREAM:
-            self._write(_frame(WINDOW_UPDATE, 0, stream_id, stream.recv_unacked.to_bytes(4, "big")))
-            stream.recv_unacked = 0
-        stream.body += payload
+        if stream.remote_closed:  # half-closed (remote): RFC 9113 §5.1
+            self._reset(stream, STREAM_CLOSED)
+            return
+        stream.recv_window -= size
+        if stream.recv_window < 0:
+            self._reset(stream, FLOW_CONTROL_ERROR)
+            return
+        body = stream.body
+        body += payload
+        self.buffered += len(payload)
         limit = self.server.max_message_bytes
-        if len(stream.body) >= 5:
-            declared = int.from_bytes(stream.body[1:5], "big")
+        complete = False
+        if len(body) >= 5:
+            declared = int.from_bytes(body[1:5], "big")
             if declared > limit:
                 self._finish(
                     stream, 8, f"Received message larger than max ({declared} vs. {limit})"
                 )
                 return
+            if len(body) > 5 + declared:  # a unary call carries one message
+                self._finish(stream, 13, "the request must be exactly one message")
+                return
+            complete = len(body) == 5 + declared
+        if self.buffered > self.server.max_buffered:
+            self._finish(stream, 8, "too many request bytes waiting on this connection")
+            return
         if flags & END_STREAM:
             self._remote_end(stream)
+        elif not complete:  # window for the rest of the message only
+            stream.recv_unacked += size
+            if stream.recv_unacked >= RECV_WINDOW // 2:
+                unacked = stream.recv_unacked
+                self._write(_frame(WINDOW_UPDATE, 0, stream_id, unacked.to_bytes(4, "big")))
+                stream.recv_window += unacked
+                stream.recv_unacked = 0
+
+    def _forget(self, stream: _Stream) -> None:
+        """The stream ended: free its body, remember what the peer may still send."""
+        self.buffered -= len(stream.body)
+        stream.body = bytearray()
+        gone = self.gone
+        gone[stream.id] = -1 if stream.remote_closed else max(0, stream.recv_window)
+        if len(gone) > GONE_REMEMBERED:
+            del gone[next(iter(gone))]
 
     def _remote_end(self, stream: _Stream) -> None:
         """The request is complete: decode it and run the handler."""
@@ -630,6 +761,7 @@ class _Connection(asyncio.Protocol):
             self._finish(stream, 13, "the request must be exactly one message")
             return
         raw = bytes(body[5:])
+        self.buffered -= len(body)
         stream.body = bytearray()
         try:
             if compressed:
@@ -795,8 +927,16 @@ class _Connection(asyncio.Protocol):
             out += _frame(RST_STREAM, 0, stream.id, NO_ERROR.to_bytes(4, "big"))
         self._end(stream, out)
 
+    def _reset(self, stream: _Stream, code: int) -> None:
+        """End the stream with RST_STREAM(code), dropping what it still had to send."""
+        stream.pending = bytearray()
+        stream.after = b""
+        self.blocked.pop(stream.id, None)
+        self._end(stream, _frame(RST_STREAM, 0, stream.id, code.to_bytes(4, "big")))
+
     def _end(self, stream: _Stream, data: bytes) -> None:
         stream.done = True
+        self._forget(stream)
         if stream.timer is not None:
             stream.timer.cancel()
             stream.timer = None
@@ -870,13 +1010,20 @@ class Server:
         max_concurrent_streams: int = 1000,
         keepalive_time: float = 30.0,
         keepalive_timeout: float = 10.0,
+        handshake_timeout: float = 10.0,
+        auth_exempt: tuple[str, ...] = (),
     ) -> None:
         self.methods = methods
         self.auth = f"Bearer {auth_token}".encode() if auth_token else None
+        # Path prefixes served without the token (the standard health service).
+        self.auth_exempt = tuple(p.encode() for p in auth_exempt)
         self.max_message_bytes = max_message_bytes
+        # Request bytes one connection may have waiting in unfinished calls.
+        self.max_buffered = max_message_bytes + RECV_WINDOW
         self.max_concurrent_streams = max_concurrent_streams
         self.keepalive_time = keepalive_time
         self.keepalive_timeout = keepalive_timeout
+        self.handshake_timeout = handshake_timeout  # for the client preface
         self.connections: set[_Connection] = set()
         self.listeners: list[asyncio.Server] = []
         self.stopping = False

@@ -12,16 +12,25 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from backend.config import ServerConfig
-from backend.gen import backend_pb2_grpc
+from backend.gen import backend_pb2, backend_pb2_grpc
+from backend.health import HealthService
 from backend.servicer import BackendServicer
 
 log = logging.getLogger(__name__)
 
 
+# Served without the token: Kubernetes' gRPC probes and load balancers cannot
+# send one, and it tells no more than SERVING / NOT_SERVING.
+AUTH_EXEMPT = ("/grpc.health.v1.Health/",)
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Every RPC must carry `authorization: Bearer <token>` (constant-time check)."""
+    """Every RPC but AUTH_EXEMPT must carry `authorization: Bearer <token>`
+    (constant-time check)."""
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
@@ -32,6 +41,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
+        if details.method.startswith(AUTH_EXEMPT):
+            return handler
         given = b""
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
@@ -83,6 +94,7 @@ def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.so_reuseport", 0),
+        ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout * 1000)),
     ]
 
 
@@ -101,6 +113,17 @@ EXIT_ENGINE_DEATH = 3
 SHUTDOWN_CUT_S = 5.0
 
 
+def health_of(servicer: Any) -> HealthService:
+    """grpc.health.v1.Health for `servicer`: SERVING while it has a model whose
+    engine is alive."""
+
+    def serving() -> bool:
+        model = servicer.model
+        return model is not None and not model.engine.errored
+
+    return HealthService(serving)
+
+
 class GrpcioServer:
     """grpc.aio (C core) behind the same two calls as H2Server."""
 
@@ -108,6 +131,18 @@ class GrpcioServer:
         interceptors = [AuthInterceptor(config.auth_token)] if config.auth_token else []
         self.server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
         backend_pb2_grpc.add_BackendServicer_to_server(servicer, self.server)
+        self.health = health_of(servicer)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # Server reflection (grpcurl list/describe): what the services are is
+        # public anyway (backend.proto); calls still need the token if set.
+        reflection.enable_server_reflection(
+            (
+                backend_pb2.DESCRIPTOR.services_by_name["Backend"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
         self.addr = config.addr
 
     async def listen(self) -> int:
@@ -118,6 +153,7 @@ class GrpcioServer:
         return int(port)
 
     async def stop(self, grace: float) -> None:
+        self.health.stopping = True
         await self.server.stop(grace)
 
 
@@ -126,16 +162,24 @@ class H2Server:
 
     def __init__(self, config: ServerConfig, servicer: Any) -> None:
         from backend import h2grpc
-        from backend.gen import backend_pb2
 
         service = backend_pb2.DESCRIPTOR.services_by_name["Backend"]
+        self.health = health_of(servicer)
+        methods = h2grpc.methods_of(servicer, service)
+        # Health yes; reflection no (its one method is a bidirectional stream,
+        # which h2grpc does not serve).
+        methods.update(
+            h2grpc.methods_of(self.health, health_pb2.DESCRIPTOR.services_by_name["Health"])
+        )
         self.server = h2grpc.Server(
-            h2grpc.methods_of(servicer, service),
+            methods,
             auth_token=config.auth_token,
             max_message_bytes=config.max_message_bytes,
             max_concurrent_streams=MAX_CONCURRENT_STREAMS,
             keepalive_time=KEEPALIVE_TIME_S,
             keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+            handshake_timeout=config.handshake_timeout,
+            auth_exempt=AUTH_EXEMPT,
         )
         self.addr = config.addr
 
@@ -146,6 +190,7 @@ class H2Server:
             raise SystemExit(f"cannot listen on {self.addr}: {exc}") from None
 
     async def stop(self, grace: float) -> None:
+        self.health.stopping = True
         await self.server.stop(grace)
 
 

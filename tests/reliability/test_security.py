@@ -196,3 +196,22 @@ def test_trust_remote_code_is_off_unless_asked_and_logged_when_on(loaded, tiny_m
     assert "trust_remote_code=True" in log
     line = next(x for x in log.splitlines() if "trust_remote_code is ON" in x)
     assert " WARNING " in line, line
+
+
+def test_standard_health_needs_no_token_reflection_does(worker):
+    """Kubernetes gRPC probes cannot send a token: grpc.health.v1 is exempt."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    reply = health_pb2_grpc.HealthStub(worker.channel).Check(
+        health_pb2.HealthCheckRequest(), timeout=10
+    )
+    assert reply.status in (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        list(ProtoReflectionDescriptorDatabase(worker.channel).get_services())
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
