@@ -11,7 +11,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -159,18 +159,6 @@ def sampling_params(kwargs: dict[str, Any], *, stream: bool) -> SamplingParams:
 
 
 _Out = TypeVar("_Out")
-
-
-async def gather_or_cancel(coros: Iterable[Coroutine[Any, Any, _Out]]) -> list[_Out]:
-    """Run engine sub-requests together (one Score/Rerank fans out one per
-    candidate); when one fails, the others are cancelled — which aborts their
-    engine requests — and that first failure is raised as it is."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(c) for c in coros]
-    except BaseExceptionGroup as grouped:
-        raise grouped.exceptions[0] from None
-    return [t.result() for t in tasks]
 
 
 # What a request the engine aborted on its own is told (no Free/LoadModel/shutdown

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend import engine as eng
-from backend import lora, media, prompts, scoring, vllm_flags
+from backend import lora, media, prompts, vllm_flags
 from backend.errors import FailedPrecondition, InvalidArgument
 from backend.gen import backend_pb2 as pb
 from backend.load_options import LoadPlan, build_load_plan, describe
-from backend.metadata import tool_format
 from backend.parsing import LogprobsSink, OutputState, choose_parsers
 from backend.replies import Usage, reply
 from backend.sampling import sampling_kwargs
@@ -271,58 +270,6 @@ class LoadedModel:
             generation_ms=total_ms - prompt_ms,
         )
         return reply(piece, chat=prep.chat, usage=usage, logprobs=prep.state.all_logprobs())
-
-
-async def score(model: LoadedModel, request: pb.ScoreRequest, request_id: str) -> pb.ScoreResponse:
-    """Joint log-probability of each candidate given the prompt (see scoring.py)."""
-    if not request.candidates:
-        raise InvalidArgument("Score needs at least one candidate")
-    engine = model.engine
-    prompt_ids = engine.tokenize(request.prompt)
-    fulls = [engine.tokenize(request.prompt + candidate) for candidate in request.candidates]
-    for i, ids in enumerate(fulls):
-        if len(ids) > engine.max_model_len:
-            raise InvalidArgument(
-                f"prompt + candidates[{i}] is {len(ids)} tokens, over the context "
-                f"length {engine.max_model_len}"
-            )
-    positions = await eng.gather_or_cancel(
-        engine.prompt_logprobs(ids, f"{request_id}-{i}") for i, ids in enumerate(fulls)
-    )
-    decode = engine.decode_token
-    out = pb.ScoreResponse()
-    for ids, logprobs in zip(fulls, positions, strict=True):
-        result = scoring.score_candidate(
-            ids, scoring.common_prefix(prompt_ids, ids), logprobs, decode
-        )
-        # Each flag fills what it names and nothing else: length_normalize the
-        # per-token mean, include_token_logprobs the per-token values.
-        candidate = out.candidates.add(
-            log_prob=result.log_prob,
-            length_normalized_log_prob=result.normalized if request.length_normalize else 0.0,
-            num_tokens=result.num_tokens,
-        )
-        if request.include_token_logprobs:
-            for token, lp in result.tokens:
-                candidate.tokens.add(token=token, log_prob=lp)
-    return out
-
-
-def model_metadata(model: LoadedModel) -> pb.ModelMetadataResponse:
-    engine = model.engine
-    template = engine.chat_template(model.chat_template)
-    thinking = template is not None and engine.template_accepts(template, "enable_thinking")
-    rendered = ""
-    if template and (thinking or model.reasoning_parser):
-        rendered = engine.render_template(
-            template, [{"role": "user", "content": "Hello"}], enable_thinking=True
-        )
-    return pb.ModelMetadataResponse(
-        supports_thinking=thinking or bool(model.reasoning_parser),
-        rendered_template=rendered,
-        tool_format=pb.ToolFormatMarkers(**tool_format(model.tool_parser, model.reasoning_parser)),
-        media_marker=engine.media_placeholder(),
-    )
 
 
 def _eager_without_compiler(plan: LoadPlan) -> None:

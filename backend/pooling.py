@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from backend.engine import gather_or_cancel
 from backend.errors import FailedPrecondition, InvalidArgument
+from backend.fanout import gather_or_cancel
 from backend.gen import backend_pb2 as pb
 
 LAYOUT_KEY = "embedding_layout"

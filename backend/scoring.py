@@ -13,6 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from backend.errors import InvalidArgument
+from backend.fanout import gather_or_cancel
+from backend.gen import backend_pb2 as pb
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -52,4 +57,37 @@ def score_candidate(
         out.log_prob += lp
         out.num_tokens += 1
         out.tokens.append((decode(full_ids[i]), lp))  # type: ignore[operator]
+    return out
+
+
+async def score(model: Any, request: pb.ScoreRequest, request_id: str) -> pb.ScoreResponse:
+    """The Score RPC: joint log-probability of each candidate given the prompt."""
+    if not request.candidates:
+        raise InvalidArgument("Score needs at least one candidate")
+    engine = model.engine
+    prompt_ids = engine.tokenize(request.prompt)
+    fulls = [engine.tokenize(request.prompt + candidate) for candidate in request.candidates]
+    for i, ids in enumerate(fulls):
+        if len(ids) > engine.max_model_len:
+            raise InvalidArgument(
+                f"prompt + candidates[{i}] is {len(ids)} tokens, over the context "
+                f"length {engine.max_model_len}"
+            )
+    positions = await gather_or_cancel(
+        engine.prompt_logprobs(ids, f"{request_id}-{i}") for i, ids in enumerate(fulls)
+    )
+    decode = engine.decode_token
+    out = pb.ScoreResponse()
+    for ids, logprobs in zip(fulls, positions, strict=True):
+        result = score_candidate(ids, common_prefix(prompt_ids, ids), logprobs, decode)
+        # Each flag fills what it names and nothing else: length_normalize the
+        # per-token mean, include_token_logprobs the per-token values.
+        candidate = out.candidates.add(
+            log_prob=result.log_prob,
+            length_normalized_log_prob=result.normalized if request.length_normalize else 0.0,
+            num_tokens=result.num_tokens,
+        )
+        if request.include_token_logprobs:
+            for token, lp in result.tokens:
+                candidate.tokens.add(token=token, log_prob=lp)
     return out

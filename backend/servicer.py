@@ -36,8 +36,10 @@ from backend.errors import (
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
 from backend.metrics import WorkerMetrics
-from backend.model import LoadedModel, Prepared, model_metadata, score
+from backend.model import LoadedModel, Prepared
+from backend.model_metadata import model_metadata
 from backend.replies import ChatPiece, Usage, reply
+from backend.scoring import score
 
 log = logging.getLogger(__name__)
 

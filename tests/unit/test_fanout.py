@@ -8,8 +8,8 @@ import asyncio
 
 import pytest
 
-from backend.engine import gather_or_cancel
 from backend.errors import InvalidArgument
+from backend.fanout import gather_or_cancel
 
 
 def test_results_come_back_in_order():

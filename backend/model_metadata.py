@@ -1,4 +1,4 @@
-"""ModelMetadata: what the gateway learns about the loaded model (GetMetrics: backend/metrics.py).
+"""The ModelMetadata RPC: what the gateway learns about the loaded model.
 
 The tool-format markers describe, for the tool parser in use, how the model
 writes a call, so a gateway that parses text itself (or builds grammars) can
@@ -9,6 +9,8 @@ listed; for others `format_type` alone says what the parser is.
 from __future__ import annotations
 
 from typing import Any
+
+from backend.gen import backend_pb2 as pb
 
 _HERMES = {
     "format_type": "json",
@@ -90,3 +92,20 @@ def tool_format(tool_parser: str | None, reasoning_parser: str | None) -> dict[s
     if reasoning_parser in REASONING_MARKERS:
         markers["reasoning_start"], markers["reasoning_end"] = REASONING_MARKERS[reasoning_parser]
     return markers
+
+
+def model_metadata(model: Any) -> pb.ModelMetadataResponse:
+    engine = model.engine
+    template = engine.chat_template(model.chat_template)
+    thinking = template is not None and engine.template_accepts(template, "enable_thinking")
+    rendered = ""
+    if template and (thinking or model.reasoning_parser):
+        rendered = engine.render_template(
+            template, [{"role": "user", "content": "Hello"}], enable_thinking=True
+        )
+    return pb.ModelMetadataResponse(
+        supports_thinking=thinking or bool(model.reasoning_parser),
+        rendered_template=rendered,
+        tool_format=pb.ToolFormatMarkers(**tool_format(model.tool_parser, model.reasoning_parser)),
+        media_marker=engine.media_placeholder(),
+    )
