@@ -220,6 +220,11 @@ class Engine:
             # Without this, an engine that dies before the first request is
             # only noticed when that request arrives.
             llm.engine_core._ensure_output_queue_task()  # type: ignore[attr-defined]
+            # vLLM asks the engine core for its supported tasks on the first
+            # request and caches them; asked now, no request ever waits on the
+            # core before it is registered (and so can be aborted) in the
+            # front end.
+            await llm.get_supported_tasks()
             engine = cls(llm, plan, time.monotonic() - started)
             engine._shm_before = shm_before
         except BaseException:

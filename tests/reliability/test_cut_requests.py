@@ -1,66 +1,68 @@
-"""A request cut short by Free, a replacing LoadModel or shutdown says so.
+"""A request cut short by Free or a replacing LoadModel says so.
 
-vLLM ends every request still running when its engine stops with
-finish_reason "abort"; before this was read, such a stream ended OK with a final
-Reply and usage after a few tokens, and the gateway stored a truncated answer
-as complete. Now a cut request — streaming or unary — ends UNAVAILABLE with the
-reason, and never sends a final (usage) Reply.
+vLLM ends every request still running when its engine stops with finish_reason
+"abort"; before this was read, such a stream ended OK with a final Reply and
+usage after a few tokens, and the gateway stored a truncated answer as complete.
+Now a cut request — streaming or unary — ends UNAVAILABLE with the reason, and
+never sends a final (usage) Reply. (Shutdown after the grace period:
+test_shutdown.py.)
 
-Precondition, created and checked rather than hoped for: the long requests ask
-for 4000 tokens with IgnoreEOS (MaxModelLen 4096), i.e. 4000 engine steps, and
-the cut is sent as soon as the stream's first chunk has arrived and Status says
-BUSY; the test then checks that the stream had not ended before the cut.
+The precondition is created, not raced: the engine core is SIGSTOPped once the
+worker has handed the requests to vLLM (its `--debug-requests` log line), so
+none can finish whatever the machine's speed; the test checks that (no call
+ended, Status BUSY) before the cut, and lets the core run again only once the
+calls have ended — which also shows the cut does not wait for the core.
 """
 
 from __future__ import annotations
 
 import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 import pytest
 
 from backend.gen import backend_pb2 as pb
+from tests import engine_control
 from tests.conftest import Worker, tiny_load_options
-from tests.reliability.helpers import greedy
+from tests.reliability.helpers import greedy, state, state_name
 
 pytestmark = [pytest.mark.reliability]
 
-LONG = 4000  # tokens: cannot finish between the first chunk and the cut
-MAX_LEN = 4096
+LONG = 2000  # tokens: held unfinished by the stopped core
+REQUEST_LOGGED = "Prompt:"  # --debug-requests logs each request as it goes to vLLM
 
 
-def _load(worker: Worker, model_dir) -> None:
-    result = worker.stub.LoadModel(tiny_load_options(model_dir, MaxModelLen=MAX_LEN), timeout=600)
+def _load(worker: Worker, model_dir) -> pb.Result:
+    result = worker.stub.LoadModel(tiny_load_options(model_dir), timeout=600)
     assert result.success, f"{result.message}\n{worker.log_tail()}"
+    return result
 
 
 @dataclass
 class Call:
     """One PredictStream or Predict run in a thread; what it got and how it ended."""
 
+    name: str
     stream: bool
-    tokens: int
+    tokens: int = LONG
     replies: list[pb.Reply] = field(default_factory=list)
     code: grpc.StatusCode | None = None
     details: str = ""
-    first: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
 
     def run(self, stub) -> None:
-        request = greedy(Tokens=self.tokens)
+        request = greedy(Tokens=self.tokens, CorrelationId=self.name)
         try:
             if self.stream:
                 for reply in stub.PredictStream(request, timeout=600):
                     self.replies.append(reply)
-                    self.first.set()
             else:
                 self.replies.append(stub.Predict(request, timeout=600))
         except grpc.RpcError as e:
             self.code, self.details = e.code(), e.details() or ""
         finally:
-            self.first.set()
             self.done.set()
 
     def start(self, stub) -> Call:
@@ -70,81 +72,106 @@ class Call:
     def describe(self) -> str:
         usage = [r.tokens for r in self.replies if r.tokens]
         return (
-            f"{'stream' if self.stream else 'unary'}: {self.code} {self.details!r}, "
-            f"{len(self.replies)} replies, usage tokens {usage}"
+            f"{self.name}: {self.code} {self.details!r}, {len(self.replies)} replies, "
+            f"usage tokens {usage}"
         )
 
 
-def _running(worker: Worker, *calls: Call) -> None:
-    """The precondition of every cut: the calls are in the engine and unfinished."""
+def _held(worker: Worker, calls: list[Call]) -> str:
+    """Send the calls with the engine core stopped; return the checked precondition."""
+    since = worker.log_path.stat().st_size
     for call in calls:
-        assert call.first.wait(300) if call.stream else True
-    deadline = time.monotonic() + 60
-    while worker.stub.Status(pb.HealthMessage()).state != pb.StatusResponse.BUSY:
-        assert time.monotonic() < deadline, "the requests never showed as running"
-        time.sleep(0.01)
+        call.start(worker.stub)
+    names = [c.name for c in calls]
+    assert engine_control.wait_logged(worker.log_path, names, REQUEST_LOGGED, since, 120), (
+        worker.log_tail()
+    )
+    busy = state(worker)
+    precondition = f"core stopped, requests in vLLM, Status {state_name(busy)}"
+    assert busy == pb.StatusResponse.BUSY, precondition
     for call in calls:
         assert not call.done.is_set(), f"ended before the cut: {call.describe()}"
+    return precondition
 
 
 def _assert_cut(call: Call, reason: str) -> None:
-    assert call.done.wait(120), f"never ended: {call.describe()}"
+    assert call.done.wait(60), f"never ended: {call.describe()}"
     assert call.code == grpc.StatusCode.UNAVAILABLE, call.describe()
-    assert reason in call.details, call.describe()
-    assert "incomplete" in call.details, call.describe()
+    assert reason in call.details and "incomplete" in call.details, call.describe()
     # No reply that looks complete: no usage on anything received.
     assert all(r.tokens == 0 and r.prompt_tokens == 0 for r in call.replies), call.describe()
 
 
+def _cut_by(worker: Worker, action: Callable[[], object], reason: str) -> None:
+    """A stream and a unary call held in the engine, then `action` (Free or
+    LoadModel, in a thread): both end UNAVAILABLE with `reason` while the core
+    is still stopped; then the core runs again and `action` completes."""
+    core = engine_control.engine_core_of(worker.proc.pid)
+    calls = [Call("cut-stream", stream=True), Call("cut-unary", stream=False)]
+    outcome: list[object] = []
+    with engine_control.stopped(core):
+        _held(worker, calls)
+        acting = threading.Thread(target=lambda: outcome.append(action()), daemon=True)
+        acting.start()
+        for call in calls:
+            _assert_cut(call, reason)
+    acting.join(300)
+    assert outcome, "Free/LoadModel did not return"
+
+
 @pytest.fixture(scope="module")
 def worker(tiny_model_dir):
-    w = Worker()
+    w = Worker(args=["--debug-requests"])
     yield w
     w.stop()
 
 
 def test_free_cuts_running_stream_and_unary_with_unavailable(worker, tiny_model_dir):
     _load(worker, tiny_model_dir)
-    stream = Call(stream=True, tokens=LONG).start(worker.stub)
-    unary = Call(stream=False, tokens=LONG).start(worker.stub)
-    _running(worker, stream, unary)
-    assert worker.stub.Free(pb.HealthMessage(), timeout=120).success
-    _assert_cut(stream, "unloaded (Free)")
-    _assert_cut(unary, "unloaded (Free)")
-    assert len(stream.replies) < LONG
+    free = lambda: worker.stub.Free(pb.HealthMessage(), timeout=300)  # noqa: E731
+    _cut_by(worker, free, "unloaded (Free)")
+    assert state(worker) == pb.StatusResponse.UNINITIALIZED
 
 
 def test_replacing_load_cuts_running_requests_with_unavailable(worker, tiny_model_dir):
     _load(worker, tiny_model_dir)
-    stream = Call(stream=True, tokens=LONG).start(worker.stub)
-    unary = Call(stream=False, tokens=LONG).start(worker.stub)
-    _running(worker, stream, unary)
-    _load(worker, tiny_model_dir)  # the replacement
-    _assert_cut(stream, "replaced (LoadModel)")
-    _assert_cut(unary, "replaced (LoadModel)")
+    _cut_by(worker, lambda: _load(worker, tiny_model_dir), "replaced (LoadModel)")
     # The new model serves, and a request that runs to its end is complete.
-    reply = worker.stub.Predict(greedy(Tokens=5), timeout=120)
-    assert reply.tokens == 5
+    assert worker.stub.Predict(greedy(Tokens=5), timeout=120).tokens == 5
 
 
 def test_drain_lets_short_requests_finish_and_cuts_the_rest(tiny_model_dir):
     """BACKEND_DRAIN_SECONDS: Free waits that long for running requests; one
-    that ends within it completes normally, one that cannot is cut after it."""
+    that ends within it completes normally, one that cannot is cut after it.
+
+    Both are sent with the core stopped; after Free starts draining, the core
+    runs until the worker logs the short generation's end (8 tokens), then is
+    stopped again, so the long one cannot finish within the drain period."""
     drain = 3.0
-    w = Worker(env={"BACKEND_DRAIN_SECONDS": str(drain)})
+    w = Worker(env={"BACKEND_DRAIN_SECONDS": str(drain)}, args=["--debug-requests"])
     try:
         _load(w, tiny_model_dir)
-        long = Call(stream=True, tokens=LONG).start(w.stub)
-        # 8 tokens: a few engine steps, far inside the drain period.
-        short = Call(stream=True, tokens=8).start(w.stub)
-        assert short.first.wait(300), short.describe()  # admitted: it has streamed
-        _running(w, long)
-        sent = time.monotonic()
-        assert w.stub.Free(pb.HealthMessage(), timeout=120).success
-        freed_after = time.monotonic() - sent
-        assert short.done.wait(60) and short.code is None, short.describe()
-        assert short.replies[-1].tokens == 8, short.describe()
-        _assert_cut(long, "unloaded (Free)")
-        assert freed_after >= drain, f"Free returned after {freed_after:.1f}s, drain {drain}s"
+        core = engine_control.engine_core_of(w.proc.pid)
+        long, short = Call("drain-long", stream=True), Call("drain-short", stream=True, tokens=8)
+        since = w.log_path.stat().st_size
+        outcome: list[pb.Result] = []
+        with engine_control.stopped(core):
+            _held(w, [long, short])
+            freeing = threading.Thread(
+                target=lambda: outcome.append(w.stub.Free(pb.HealthMessage(), timeout=300)),
+                daemon=True,
+            )
+            freeing.start()
+            engine_control.resume(core)
+            assert engine_control.wait_logged(
+                w.log_path, ["drain-short"], engine_control.FINISHED, since, 60
+            ), w.log_tail()
+            engine_control.stop(core)
+            assert short.done.wait(60) and short.code is None, short.describe()
+            assert short.replies[-1].tokens == 8, short.describe()
+            assert not long.done.is_set(), long.describe()
+            _assert_cut(long, "unloaded (Free)")
+        freeing.join(300)
+        assert outcome and outcome[0].success
     finally:
         w.stop()
