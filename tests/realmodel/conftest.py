@@ -66,7 +66,9 @@ def hf_smollm2(smollm2_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(0)
+    # One thread: the worker's engine runs beside it, and two OpenMP threads
+    # fighting it for 2 cores spin far more CPU than they save.
+    torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
     return tok, model
