@@ -117,15 +117,18 @@ def references(hf_smollm2) -> References:
 
 
 def token_texts(tok, ids: list[int]) -> list[str]:
-    """Each token's text as vLLM's logprobs report it: the text it completes
-    (a token ending inside a multi-byte character reports "", the one that
-    completes it the whole character), EOS as its special text."""
+    """Each token's text as vLLM's logprobs report it: the text it adds (a
+    token ending inside a multi-byte character reports "", and the one that
+    completes the character everything held back), EOS as its special text."""
     out, before = [], ""
     for k, i in enumerate(ids):
         if i == EOS:
             out.append(tok.decode([i]))
             continue
-        now = tok.decode(ids[: k + 1]).rstrip("\ufffd")
+        now = tok.decode(ids[: k + 1])
+        if now.endswith("\ufffd"):  # a character still incomplete: held back whole
+            out.append("")
+            continue
         out.append(now[len(before) :])
         before = now
     return out
