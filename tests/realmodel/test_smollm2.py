@@ -310,7 +310,9 @@ def vllm_server(smollm2_dir):
     server.stop()
 
 
-@pytest.mark.parametrize("name", ["capital", "multi_turn", "multilingual", "emoji_cut", "story"])
+# Not the 420-token story: ~3 min of CPU here for what the transformers
+# comparison above already pins token for token.
+@pytest.mark.parametrize("name", ["capital", "multi_turn", "multilingual", "emoji_cut"])
 def test_same_answer_as_vllm_serve(smollm2, vllm_server, references, name):
     messages, tokens, _ = PROMPTS[name]
     body = {"messages": messages, "temperature": 0, "max_tokens": tokens}
