@@ -12,7 +12,7 @@ GEN_FILES      := backend/gen/__init__.py backend/gen/backend_pb2.py \
 export BUILD_PROFILE FROM_SOURCE PYTHON
 
 .DEFAULT_GOAL := help
-.PHONY: help install protogen package run test test-unit test-integration test-e2e lint demo bench clean
+.PHONY: help install protogen package run test test-unit test-integration test-e2e lint demo real-models bench clean
 .PHONY: docker-build-cpu docker-build-cublas12 docker-build-hipblas test-image
 
 help:
@@ -23,7 +23,8 @@ help:
 	@echo "make test              install, then pytest tests"
 	@echo "make test-unit | test-integration | test-e2e"
 	@echo "make lint              ruff check, ruff format --check, mypy backend"
-	@echo "make demo | bench"
+	@echo "make demo | bench       demo: SmolLM2 + MiniLM (fetched/converted on first use)"
+	@echo "make real-models       fetch, convert and verify the real models (tools/real_models.py)"
 	@echo "make clean             remove venv, backend/gen, .cache, lib, __pycache__"
 	@echo "make docker-build-cpu | docker-build-cublas12 | docker-build-hipblas [BASE_IMAGE=..]"
 	@echo "                       backend image from Dockerfile.python (docker, else podman/buildah)"
@@ -72,6 +73,9 @@ lint: install
 
 demo: install
 	$(PY) -m tools.demo
+
+real-models: install
+	$(PY) -m tools.real_models
 
 bench: install
 	$(PY) -m bench

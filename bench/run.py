@@ -572,7 +572,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="skip the gRPC floor measurement at the end (bench/floor.py, ~20 s)",
     )
-    p.add_argument("--model", default=None, help="model directory (default: the tiny model)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model directory, or smollm2 (the real model, tools/real_models.py; "
+        "use with --workloads c1,c8: chat8 forces the tiny model's tags); default: the tiny model",
+    )
     p.add_argument("--out", default=str(RESULTS_DIR), help="directory for <timestamp>.json")
     p.add_argument(
         "--idle-seconds", type=float, default=2.0, help="idle CPU check per target (0: skip)"
@@ -731,7 +736,12 @@ def main(argv: list[str] | None = None) -> int:
     longest = max((w.tokens for w in ws if w.kind == "raw"), default=256)
     max_model_len = 2048 if longest + 128 <= 2048 else 4096
 
-    if args.model:
+    if args.model == "smollm2":
+        # The real-model cell: `python -m bench --model smollm2 --workloads c1,c8`.
+        from tools import real_models
+
+        model_dir = str(real_models.smollm2())
+    elif args.model:
         model_dir = str(Path(args.model).resolve())
     else:
         from tools.tiny_model import build_tiny_model, default_model_dir

@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,10 +99,21 @@ def raw_view(result: ChatResult) -> dict:
     }
 
 
+# The worker's CHAT_OPTIONS for the tiny model, as server flags.
+TINY_PARSER_ARGS = (
+    "--tool-call-parser",
+    "hermes",
+    "--reasoning-parser",
+    "qwen3",
+    "--structured-outputs-config",
+    '{"enable_in_reasoning": true}',
+)
+
+
 class OpenAIServer:
     """`python -m vllm.entrypoints.openai.api_server` in its own process group."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, parser_args: Sequence[str] = TINY_PARSER_ARGS) -> None:
         self.port = free_port()
         self.model = str(model_dir)
         self.base = f"http://127.0.0.1:{self.port}"
@@ -122,13 +133,8 @@ class OpenAIServer:
             "--enforce-eager",
             "--kv-cache-memory-bytes",
             str(KV_CACHE_BYTES),
-            "--tool-call-parser",
-            "hermes",
+            *parser_args,
             "--enable-auto-tool-choice",
-            "--reasoning-parser",
-            "qwen3",
-            "--structured-outputs-config",
-            '{"enable_in_reasoning": true}',
             "--exclude-tools-when-tool-choice-none",
             "--host",
             "127.0.0.1",
