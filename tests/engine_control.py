@@ -21,7 +21,9 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import psutil
 
 ENGINE_CORE = "VLLM::EngineCor"  # 15-character kernel name of VLLM::EngineCore
@@ -99,3 +101,21 @@ def wait_first_outputs(
     log_path: Path, correlation_ids: list[str], since: int = 0, timeout: float = 120
 ) -> bool:
     return wait_logged(log_path, correlation_ids, FIRST_OUTPUT, since, timeout)
+
+
+def read_into(call: Any, got: list) -> None:
+    """Read a grpc stream into `got` until it ends or fails (run in a thread)."""
+    with contextlib.suppress(grpc.RpcError):
+        for reply in call:
+            got.append(reply)
+
+
+def quiet(got: list, seconds: float, timeout: float = 60.0) -> bool:
+    """Wait until `got` has not grown for `seconds` (a held engine sends nothing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = len(got)
+        time.sleep(seconds)
+        if len(got) == before:
+            return True
+    return False

@@ -122,23 +122,6 @@ def check(cond: Any, message: str) -> None:
         raise Failed(message)
 
 
-def _read_into(call: Any, got: list) -> None:
-    with contextlib.suppress(grpc.RpcError):
-        for reply in call:
-            got.append(reply)
-
-
-def _quiet(got: list, seconds: float, timeout: float = 60.0) -> bool:
-    """Wait until `got` has not grown for `seconds`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        before = len(got)
-        time.sleep(seconds)
-        if len(got) == before:
-            return True
-    return False
-
-
 def state_name(state: int) -> str:
     return pb.StatusResponse.State.Name(state)
 
@@ -914,7 +897,9 @@ class Harness:
                 self.predict_request(Tokens=want, IgnoreEOS=True, CorrelationId="e2e-cancel"),
                 timeout=300,
             )
-            reader = threading.Thread(target=_read_into, args=(call, got), daemon=True)
+            reader = threading.Thread(
+                target=engine_control.read_into, args=(call, got), daemon=True
+            )
             reader.start()
             if mid:
                 assert self.worker is not None
@@ -923,7 +908,7 @@ class Harness:
                     "the worker never logged the stream's first output",
                 )
                 engine_control.stop(core)
-            check(_quiet(got, 1.0), "chunks kept coming with the engine core stopped")
+            check(engine_control.quiet(got, 1.0), "chunks kept coming with the engine core stopped")
             busy = self.status()
             where = f"after {len(got)} chunk(s) read" if mid else "before the stream was sent"
             precondition = f"engine core stopped {where}; Status {state_name(busy)}"

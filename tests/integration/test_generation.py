@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
@@ -170,11 +169,11 @@ def test_cancelled_stream_aborts_its_engine_request(loaded):
     since = loaded.log_path.stat().st_size
     call = loaded.stub.PredictStream(greedy(Tokens=2000, CorrelationId="cancelled"), timeout=300)
     got: list[pb.Reply] = []
-    reader = threading.Thread(target=_read_into, args=(call, got), daemon=True)
+    reader = threading.Thread(target=engine_control.read_into, args=(call, got), daemon=True)
     reader.start()
     assert engine_control.wait_first_outputs(loaded.log_path, ["cancelled"], since)
     with engine_control.stopped(core):
-        assert _quiet(got, 1.0), "chunks kept coming with the engine core stopped"
+        assert engine_control.quiet(got, 1.0), "chunks kept coming with the engine core stopped"
         busy = _state(loaded)
         status = pb.StatusResponse.State.Name(busy)
         precondition = f"{len(got)} chunks, call done: {call.done()}, Status {status}"
@@ -188,23 +187,6 @@ def test_cancelled_stream_aborts_its_engine_request(loaded):
     assert call.code() == grpc.StatusCode.CANCELLED
     assert loaded.stub.Predict(greedy(Tokens=4), timeout=60).tokens == 4
     _wait_state(loaded, pb.StatusResponse.READY)
-
-
-def _read_into(call, got: list) -> None:
-    with contextlib.suppress(grpc.RpcError):
-        for reply in call:
-            got.append(reply)
-
-
-def _quiet(got: list, seconds: float, timeout: float = 60.0) -> bool:
-    """Wait until `got` has not grown for `seconds`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        before = len(got)
-        time.sleep(seconds)
-        if len(got) == before:
-            return True
-    return False
 
 
 def test_deadline_on_unary_predict_aborts_the_request(loaded):

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-from pathlib import Path
 
 import pytest
 
 from backend.errors import InvalidArgument
 from backend.parsing import FAMILY_PARSERS, choose_parsers, family_parsers
+from tests.tokenizer_variants import tokenizer_variant
 
 CASES = [
     # (model name, model_type, architecture, tool, reasoning)
@@ -55,7 +53,6 @@ def test_family_table(name, model_type, arch, tool, reasoning):
 
 
 def test_every_parser_of_the_table_is_registered_in_this_vllm():
-    pytest.importorskip("vllm")
     from backend.engine import known_parsers
 
     known_tool, known_reasoning = known_parsers()
@@ -122,40 +119,17 @@ def test_an_automatic_choice_this_vllm_lacks_is_skipped(caplog):
 # ---- the check itself, with vLLM's parsers and real tokenizers -------------
 
 
-def _tokenizer_variant(src: Path, dst: Path, drop=(), add=()) -> Path:
-    """A copy of the tiny model's tokenizer without/with some added tokens."""
-    dst.mkdir()
-    for name in ("tokenizer_config.json", "special_tokens_map.json", "config.json"):
-        shutil.copy(src / name, dst / name)
-    tok = json.loads((src / "tokenizer.json").read_text())
-    cfg = json.loads((dst / "tokenizer_config.json").read_text())
-    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] not in drop]
-    decoder = cfg["added_tokens_decoder"]
-    for key in [k for k, v in decoder.items() if v["content"] in drop]:
-        del decoder[key]
-    next_id = max(t["id"] for t in tok["added_tokens"]) + 1
-    for i, content in enumerate(add):
-        entry = {"content": content, "single_word": False, "lstrip": False, "rstrip": False}
-        entry.update(normalized=False, special=True)
-        tok["added_tokens"].append({"id": next_id + i, **entry})
-        decoder[str(next_id + i)] = entry
-    (dst / "tokenizer.json").write_text(json.dumps(tok))
-    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 @pytest.fixture(scope="module")
 def tokenizers(tiny_model_dir, tmp_path_factory):
-    pytest.importorskip("vllm")
     from vllm.tokenizers import get_tokenizer
 
     root = tmp_path_factory.mktemp("tokenizers")
     markers = ("<think>", "</think>", "<tool_call>", "</tool_call>")
     return {
         "tiny": get_tokenizer(str(tiny_model_dir)),
-        "bare": get_tokenizer(str(_tokenizer_variant(tiny_model_dir, root / "bare", markers))),
+        "bare": get_tokenizer(str(tokenizer_variant(tiny_model_dir, root / "bare", drop=markers))),
         "llama3": get_tokenizer(
-            str(_tokenizer_variant(tiny_model_dir, root / "l3", add=("<|python_tag|>",)))
+            str(tokenizer_variant(tiny_model_dir, root / "l3", add=("<|python_tag|>",)))
         ),
     }
 

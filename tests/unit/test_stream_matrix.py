@@ -15,15 +15,13 @@ worker's rule must be what makes them equal).
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
+import vllm  # noqa: F401  (explicit: the matrix runs vLLM's real parsers)
 
 from backend.parsing import OutputState
-
-pytest.importorskip("vllm")
+from tests.tokenizer_variants import tokenizer_variant
 
 # DeepSeek's markers use FULLWIDTH VERTICAL LINE and LOWER ONE EIGHTH BLOCK.
 BAR, LOW = "\uff5c", "\u2581"
@@ -130,43 +128,20 @@ PARSERS = [
 SIZES = [1, 2, 3, 5, 8, 0]  # 0: the whole output in one delta
 
 
-def _variant(src: Path, dst: Path, *, drop=(), add=(), special=False) -> Path:
-    """The tiny model's tokenizer with markers dropped / added / made special."""
-    dst.mkdir()
-    for name in ("tokenizer_config.json", "special_tokens_map.json", "config.json"):
-        shutil.copy(src / name, dst / name)
-    tok = json.loads((src / "tokenizer.json").read_text())
-    cfg = json.loads((dst / "tokenizer_config.json").read_text())
-    decoder = cfg["added_tokens_decoder"]
-    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] not in drop]
-    for key in [k for k, v in decoder.items() if v["content"] in drop]:
-        del decoder[key]
-    for entry in [*tok["added_tokens"], *decoder.values()]:
-        if entry["content"] in TINY_MARKERS:
-            entry["special"] = special
-    next_id = max(t["id"] for t in tok["added_tokens"]) + 1
-    for i, content in enumerate(add):
-        entry = {"content": content, "single_word": False, "lstrip": False, "rstrip": False}
-        entry.update(normalized=False, special=special)
-        tok["added_tokens"].append({"id": next_id + i, **entry})
-        decoder[str(next_id + i)] = entry
-    (dst / "tokenizer.json").write_text(json.dumps(tok))
-    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 @pytest.fixture(scope="module")
 def tokenizers(tiny_model_dir, tmp_path_factory):
     from vllm.tokenizers import get_tokenizer
 
     root = tmp_path_factory.mktemp("matrix-tokenizers")
     src = Path(tiny_model_dir)
+
+    def variant(name: str, **kw):
+        return get_tokenizer(str(tokenizer_variant(src, root / name, markers=TINY_MARKERS, **kw)))
+
     return {
-        "added tokens": get_tokenizer(str(_variant(src, root / "a", add=EXTRA_MARKERS))),
-        "special tokens": get_tokenizer(
-            str(_variant(src, root / "s", add=EXTRA_MARKERS, special=True))
-        ),
-        "plain text": get_tokenizer(str(_variant(src, root / "t", drop=TINY_MARKERS))),
+        "added tokens": variant("a", add=EXTRA_MARKERS, special=False),
+        "special tokens": variant("s", add=EXTRA_MARKERS, special=True),
+        "plain text": variant("t", drop=TINY_MARKERS, special=False),
     }
 
 

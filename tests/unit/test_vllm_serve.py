@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import vllm.entrypoints.cli.serve as serve  # explicit: needs the installed vLLM
 
-serve = pytest.importorskip("vllm.entrypoints.cli.serve")
-
-from backend import vllm_serve  # noqa: E402
+from backend import vllm_serve
 
 
 @pytest.fixture
