@@ -282,7 +282,6 @@ def _eager_without_compiler(plan: LoadPlan) -> None:
     if os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++"):
         return
     plan.engine_kwargs["enforce_eager"] = True
-    plan.warnings.append("no C++ compiler found (torch.compile needs one): using eager mode")
     log.warning("LoadModel: no C++ compiler found (torch.compile needs one): using eager mode")
 
 
