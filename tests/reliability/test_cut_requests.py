@@ -31,7 +31,6 @@ from tests.reliability.helpers import greedy, state, state_name
 pytestmark = [pytest.mark.reliability]
 
 LONG = 2000  # tokens: held unfinished by the stopped core
-REQUEST_LOGGED = "Prompt:"  # --debug-requests logs each request as it goes to vLLM
 
 
 def _load(worker: Worker, model_dir) -> pb.Result:
@@ -83,7 +82,7 @@ def _held(worker: Worker, calls: list[Call]) -> str:
     for call in calls:
         call.start(worker.stub)
     names = [c.name for c in calls]
-    assert engine_control.wait_logged(worker.log_path, names, REQUEST_LOGGED, since, 120), (
+    assert engine_control.wait_logged(worker.log_path, names, since=since, timeout=120), (
         worker.log_tail()
     )
     busy = state(worker)

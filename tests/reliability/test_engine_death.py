@@ -78,13 +78,12 @@ def death(tiny_model_dir):
     """A loaded worker whose engine core was SIGKILLed with requests in flight.
 
     The precondition is created, not raced (issue 16: on a fast machine all
-    three calls had ended OK 35 ms after the kill). When the worker logs both
-    streams' first output (`--debug-requests`; not what the client has read,
-    which a transport may hold back), the engine core is SIGSTOPped: from then
-    on it generates nothing and no request can finish. Checked before the
-    kill: the core is stopped; once the worker has handed on everything the
-    core made before the stop (nothing more arrives for 1 s), no call has
-    ended and each stream is far from its LONG tokens; Status is BUSY.
+    three calls had ended OK 35 ms after the kill). The engine core is
+    SIGSTOPped before the calls are sent, so it generates nothing and no
+    request can finish; the worker's log (`--debug-requests`) shows each
+    request reached vLLM. Checked before the kill: the core is stopped, nothing
+    arrives for 1 s, no call has ended, each stream is far from its LONG
+    tokens; Status is BUSY.
 
     The requests go through hyper-h2 (tests/h2client.py), every stream read
     by this thread as frames arrive.
@@ -98,6 +97,10 @@ def death(tiny_model_dir):
         core = engine_core(worker.proc.pid)
         client = H2Client(worker.addr)
         since = worker.log_path.stat().st_size
+        # Stopped before the calls are sent: stopping it on the streams' first
+        # output raced the engine on a loaded machine (the stop came after the
+        # last token).
+        engine_control.stop(core)
         flights = [
             InFlight(name, client.call(rpc, greedy(Tokens=LONG, CorrelationId=name)))
             for name, rpc in (
@@ -107,10 +110,9 @@ def death(tiny_model_dir):
             )
         ]
         streams = client.streams
-        assert engine_control.wait_first_outputs(
-            worker.log_path, ["stream-1", "stream-2"], since
-        ), f"the streams never started:\n{worker.log_tail()}"
-        engine_control.stop(core)
+        assert engine_control.wait_logged(
+            worker.log_path, ["stream-1", "stream-2", "unary"], since=since
+        ), f"the requests never reached vLLM:\n{worker.log_tail()}"
         # The precondition, checked: nothing can finish from here on, and nothing had.
         assert _quiet(client, 1.0), "the worker kept sending with its engine core stopped"
         at_stop = {f.name: len(streams[f.sid].messages()) for f in flights}

@@ -118,7 +118,7 @@ def signalled(request, tiny_model_dir):
             t.start()
         # --debug-requests logs each request (its text: `Prompt: ...`) as it goes to vLLM.
         assert engine_control.wait_logged(
-            worker.log_path, ["long", "short"], "Prompt:", since, timeout=60
+            worker.log_path, ["long", "short"], since=since, timeout=60
         ), worker.log_tail()
         busy = state(worker)
         precondition = (

@@ -48,6 +48,7 @@ def test_cli_wins_over_environment():
 
 def test_event_loop_is_uvloop_when_installed():
     import uvloop  # noqa: F401  (a vLLM dependency: installed with the venv)
+
     assert parse_config([], env={}).event_loop == "uvloop"
     assert parse_config(["--event-loop", "uvloop"], env={}).event_loop == "uvloop"
 
