@@ -12,11 +12,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from backend.config import ServerConfig
-from backend.gen import backend_pb2, backend_pb2_grpc
+from backend.gen import backend_pb2
 from backend.health import HealthService
 from backend.servicer import BackendServicer
 
@@ -124,13 +125,50 @@ def health_of(servicer: Any) -> HealthService:
     return HealthService(serving)
 
 
+def _decoding_handlers(servicer: Any) -> grpc.GenericRpcHandler:
+    """backend.Backend's methods with the request decoded by us, not by grpc.
+
+    When grpc.aio's own deserializer fails (e.g. invalid UTF-8 in a proto3
+    string), it answers UNKNOWN "Unexpected <class DecodeError>" before our
+    code runs; here the handler receives the bytes and a request that cannot be
+    decoded gets INVALID_ARGUMENT naming the message type and the problem (as
+    the h2 transport does)."""
+    service = backend_pb2.DESCRIPTOR.services_by_name["Backend"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        request_cls = getattr(backend_pb2, method.input_type.name)
+        response_cls = getattr(backend_pb2, method.output_type.name)
+        impl = getattr(servicer, method.name)
+
+        async def call(
+            raw: bytes, context: grpc.aio.ServicerContext, impl: Any = impl, cls: Any = request_cls
+        ) -> Any:
+            try:
+                request = cls.FromString(raw)
+            except DecodeError as e:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the {cls.DESCRIPTOR.full_name} request cannot be decoded: {e} "
+                    "(proto3 strings must be valid UTF-8)",
+                )
+            return await impl(request, context)
+
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(call, response_serializer=response_cls.SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
 class GrpcioServer:
     """grpc.aio (C core) behind the same two calls as H2Server."""
 
     def __init__(self, config: ServerConfig, servicer: Any) -> None:
         interceptors = [AuthInterceptor(config.auth_token)] if config.auth_token else []
         self.server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
-        backend_pb2_grpc.add_BackendServicer_to_server(servicer, self.server)
+        self.server.add_generic_rpc_handlers((_decoding_handlers(servicer),))
         self.health = health_of(servicer)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         # Server reflection (grpcurl list/describe): what the services are is

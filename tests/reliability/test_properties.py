@@ -469,6 +469,10 @@ class EchoParser:
     def parse_delta(self, *, delta_text, delta_token_ids, request, prompt_token_ids, finished):
         return SimpleNamespace(content=delta_text, reasoning=None, tool_calls=None)
 
+    def parse(self, text, request, *, enable_auto_tools, model_output_token_ids):
+        # The whole-text parse the stream is reconciled with: all content too.
+        return None, text or None, []
+
 
 @PROPS
 @given(deltas=engine_deltas())
