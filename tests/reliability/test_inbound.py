@@ -90,13 +90,17 @@ def _probe_loop(addr: str, pipe) -> None:  # runs in its own process
         if pipe.recv() != "start":
             return
         out: list[float | None] = []
-        while not pipe.poll():
+        # At least one probe, even when the worker ended the attack before the
+        # first one could start (a fast machine: CI saw 0 probes once).
+        while True:
             start = time.monotonic()
             try:
                 ok = stub.Health(pb.HealthMessage(), timeout=PROBE_TIMEOUT_S).message == b"OK"
             except grpc.RpcError:
                 ok = False
             out.append(time.monotonic() - start if ok else None)
+            if pipe.poll():
+                break
             time.sleep(0.02)
         pipe.recv()  # "stop"
         pipe.send(out)
