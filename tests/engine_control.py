@@ -77,6 +77,7 @@ def stopped(core: psutil.Process) -> Iterator[psutil.Process]:
 
 
 FINISHED = "generation finished"
+FIRST_OUTPUT = "first output after"
 
 
 def logged(log_path: Path, correlation_ids: list[str], event: str, since: int = 0) -> set[str]:

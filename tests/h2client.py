@@ -80,7 +80,11 @@ class H2Client:
         if data:
             self.sock.sendall(data)
 
-    def call(self, method: str, request: Any, *extra: tuple[str, str]) -> int:
+    def call(self, method: str, request: Any, *extra: tuple[str, str], send: bool = True) -> int:
+        """Open a stream with one request message. With send=False the frames
+        wait in the connection until flush(): calls made that way leave in one
+        write, so the server receives them together whatever this process's
+        scheduling (a test's precondition must not depend on machine load)."""
         sid = self.conn.get_next_available_stream_id()
         self.conn.send_headers(
             sid,
@@ -97,7 +101,8 @@ class H2Client:
         payload = request.SerializeToString()
         self.conn.send_data(sid, struct.pack(">BI", 0, len(payload)) + payload, end_stream=True)
         self.streams[sid] = Stream()
-        self.flush()
+        if send:
+            self.flush()
         return sid
 
     def _handle(self, event: Any) -> None:
