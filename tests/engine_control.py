@@ -1,4 +1,11 @@
-"""Hold the vLLM engine still, so a test's precondition does not depend on machine speed.
+"""The vLLM engine's processes under a worker: find them, and hold the engine still, so
+a test's precondition does not depend on machine speed.
+
+Engine processes are recognised by the process titles vLLM sets
+(`VLLM::EngineCore`, `VLLM::Worker`; the kernel truncates names to 15 characters,
+so `VLLM::EngineCor`). Python's multiprocessing resource tracker (one per process
+that ever spawned a child; it lives as long as the worker and holds no model
+memory) is not an engine process.
 
 A generation the engine core cannot finish is what tests of kill, cancel and
 shutdown need. Fast or slow, a core under SIGSTOP generates nothing: every
@@ -32,14 +39,42 @@ import psutil
 
 REQUEST_LOGGED = "Prompt:"  # --debug-requests: the request as it goes to vLLM
 ENGINE_CORE = "VLLM::EngineCor"  # 15-character kernel name of VLLM::EngineCore
+MODEL_RUNNER = "VLLM::Worker"
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def is_resource_tracker(p: psutil.Process) -> bool:
+    try:
+        return "resource_tracker" in " ".join(p.cmdline())
+    except psutil.Error:  # a zombie's command line cannot be read: not the tracker
+        return False
+
+
+def engine_processes(pid: int, *, unreaped: bool = False) -> list[psutil.Process]:
+    """vLLM's engine processes under `pid`: running ones, and with `unreaped` also
+    those that exited but their parent has not reaped (zombies), which a test of
+    reaping must see. Processes gone since they were listed are left out."""
+    out = []
+    for p in descendants(pid):
+        if is_resource_tracker(p):
+            continue
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE and not unreaped:
+                continue
+        except psutil.NoSuchProcess:
+            continue
+        out.append(p)
+    return out
 
 
 def engine_core_of(pid: int) -> psutil.Process:
-    cores = [
-        p
-        for p in psutil.Process(pid).children(recursive=True)
-        if p.is_running() and p.name().startswith(ENGINE_CORE)
-    ]
+    cores = [p for p in engine_processes(pid) if p.name().startswith(ENGINE_CORE)]
     if len(cores) != 1:  # not assert: the e2e harness must hold under python -O
         raise RuntimeError(f"expected one engine core under {pid}, found {cores}")
     return cores[0]

@@ -76,6 +76,7 @@ from backend.gen import backend_pb2 as pb  # noqa: E402
 from backend.gen import backend_pb2_grpc  # noqa: E402
 from tests import engine_control  # noqa: E402
 from tests.conftest import KV_CACHE_OPTION, free_port, tiny_load_options  # noqa: E402
+from tests.engine_control import descendants, engine_processes  # noqa: E402
 from tests.integration.chat_helpers import WEATHER_TOOL, chat_request, collect  # noqa: E402
 from tests.integration.conftest import CHAT_OPTIONS  # noqa: E402
 
@@ -222,25 +223,6 @@ class Config:
 # ------------------------------------------------------------------------------------
 # processes
 # ------------------------------------------------------------------------------------
-
-
-def is_resource_tracker(p: psutil.Process) -> bool:
-    """multiprocessing's resource tracker: one per process that ever spawned, lives as
-    long as the worker, holds no model memory; not an engine process."""
-    with contextlib.suppress(psutil.Error):
-        return "resource_tracker" in " ".join(p.cmdline())
-    return False
-
-
-def descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def engine_processes(pid: int) -> list[psutil.Process]:
-    return [p for p in descendants(pid) if not is_resource_tracker(p)]
 
 
 def is_zombie(p: psutil.Process) -> bool:
@@ -546,7 +528,7 @@ class Harness:
             )
         lib = (ROOT / "lib").resolve()
         worker = psutil.Process(self.worker_pid)
-        engines = engine_processes(self.worker_pid)
+        engines = engine_processes(self.worker_pid, unreaped=True)
         check(engines, "no engine process under the worker (is a model loaded?)")
 
         def short(path: str) -> str:
@@ -938,7 +920,7 @@ class Harness:
         return f"{precondition}; READY {ready_ms:.0f}ms after cancel; next Predict fine"
 
     def cap_free(self) -> str:
-        engines = engine_processes(self.worker_pid) if self.worker_pid else []
+        engines = engine_processes(self.worker_pid, unreaped=True) if self.worker_pid else []
         if self.worker_pid:
             check(engines, "no engine process before Free")
         result = self.stub.Free(pb.HealthMessage(), timeout=120)
@@ -951,7 +933,7 @@ class Harness:
         alive, zombies = wait_gone(engines, timeout=30)
         check(not alive, f"engine processes still running after Free: {alive}")
         if self.worker_pid:
-            left = [p for p in engine_processes(self.worker_pid) if not is_zombie(p)]
+            left = engine_processes(self.worker_pid)
             check(
                 not left,
                 f"processes under the worker after Free: {[(p.pid, p.name()) for p in left]}",
