@@ -29,6 +29,7 @@ import contextlib
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -152,3 +153,84 @@ def quiet(got: list, seconds: float, timeout: float = 60.0) -> bool:
         if len(got) == before:
             return True
     return False
+
+
+def _fail_unless(cond: Any, message: str) -> None:
+    # Not `assert`: the e2e harness runs this under python -O too.
+    if not cond:
+        raise AssertionError(message)
+
+
+def cancel_aborts_engine_request(
+    stub: Any,
+    core: psutil.Process,
+    request: Any,
+    *,
+    log_path: Path | None,
+    ready_within: float = 2.0,
+) -> str:
+    """Cancel a stream the engine provably has not finished: the worker must abort it
+    in vLLM, so Status (vLLM's table of unfinished requests) goes back to READY.
+
+    The engine core is SIGSTOPped before `request` (a PredictOptions with a
+    CorrelationId, long enough not to finish) is streamed, so the generation cannot
+    end however fast the machine is; `log_path` (the worker's log, when it runs with
+    --debug-requests) shows the request reached vLLM, which registers it without the
+    core. Checked before the cancel: nothing arrives for 1 s, the call has no status,
+    Status is BUSY. READY within `ready_within` seconds with the core still stopped
+    can then only come from the worker aborting the request: one that was not aborted
+    stays in the table while the core is stopped. (Stopping the core on the stream's
+    first output instead raced the engine: on a loaded machine the stop came after
+    the last token.) Used by the integration test (the worker as tests start it) and
+    the e2e harness (the packaged worker, maybe one it did not start).
+
+    Returns what was seen, for the caller to print; raises AssertionError if the proof
+    fails. The core is resumed whatever happens.
+    """
+    from backend.gen import backend_pb2 as pb
+
+    def status() -> int:
+        return int(stub.Status(pb.HealthMessage(), timeout=10).state)
+
+    since = log_path.stat().st_size if log_path is not None else 0
+    got: list[Any] = []
+    reader = None
+    try:
+        stop(core)
+        call = stub.PredictStream(request, timeout=300)
+        if log_path is not None:
+            _fail_unless(
+                wait_logged(log_path, [request.CorrelationId], since=since),
+                "the worker never logged the request",
+            )
+        reader = threading.Thread(target=read_into, args=(call, got), daemon=True)
+        reader.start()
+        _fail_unless(quiet(got, 1.0), "chunks kept coming with the engine core stopped")
+        busy = status()
+        precondition = (
+            f"engine core stopped before the stream was sent; call done: {call.done()}, "
+            f"Status {pb.StatusResponse.State.Name(busy)}"
+        )
+        _fail_unless(not call.done(), f"the call ended with the core stopped ({precondition})")
+        _fail_unless(busy == pb.StatusResponse.BUSY, f"not BUSY during generation: {precondition}")
+        call.cancel()
+        cancelled_at = time.monotonic()
+        state = busy
+        while time.monotonic() - cancelled_at < ready_within:
+            state = status()
+            if state == pb.StatusResponse.READY:
+                break
+            time.sleep(0.02)
+        ready_ms = (time.monotonic() - cancelled_at) * 1000
+        _fail_unless(
+            state == pb.StatusResponse.READY,
+            f"Status still {pb.StatusResponse.State.Name(state)} {ready_within}s after "
+            f"cancel with the engine core stopped ({precondition})",
+        )
+        _fail_unless(core.status() == psutil.STATUS_STOPPED, "the engine core ran during the check")
+    finally:
+        resume(core)
+        if reader is not None:
+            reader.join(10)
+    _fail_unless(call.code() == grpc.StatusCode.CANCELLED, f"call ended with {call.code()}")
+    return f"{precondition}; READY {ready_ms:.0f} ms after cancel"
