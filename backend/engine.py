@@ -288,6 +288,15 @@ class Engine:
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
+    def ensure_fits(self, ids: Sequence[int], what: str) -> None:
+        """INVALID_ARGUMENT naming `what` when `ids` exceed the context. Score and
+        Rerank check every input before sending any, so none of a request's
+        engine requests runs when one of its inputs cannot."""
+        if len(ids) > self.max_model_len:
+            raise InvalidArgument(
+                f"{what} is {len(ids)} tokens, over the context length {self.max_model_len}"
+            )
+
     def chat_template(self, override: str | None) -> str | None:
         """The Jinja template chats are rendered with (None: the model has none)."""
         from vllm.renderers.hf import resolve_chat_template
