@@ -1,7 +1,9 @@
-"""The one module that imports vLLM eagerly: build, drive and stop `AsyncLLM`.
+"""Build, drive and stop `AsyncLLM`: the engine as the rest of the worker sees it.
 
 Everything vLLM-version-specific about starting the engine, feeding it
 prompts and reading its tokenizer is here; the servicer sees `Engine`.
+Its flags are parsed in `vllm_flags.py`, its processes and shared memory
+cleaned up by `engine_processes.py`, its parsers chosen in `parser_choice.py`.
 """
 
 from __future__ import annotations
@@ -9,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -21,12 +22,9 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
-from vllm.parser import ParserManager
-from vllm.reasoning import ReasoningParserManager
 from vllm.renderers.inputs.preprocess import parse_model_prompt
 from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
-from vllm.tool_parsers import ToolParserManager
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.prometheus import unregister_vllm_metrics
 
@@ -40,93 +38,6 @@ from backend.errors import InvalidArgument, Unavailable
 from backend.load_options import LoadPlan
 
 log = logging.getLogger(__name__)
-
-
-def known_parsers() -> tuple[list[str], list[str]]:
-    """Registered (tool parser names, reasoning parser names) of this vLLM."""
-    return (
-        sorted(ToolParserManager.list_registered()),
-        sorted(ReasoningParserManager.list_registered()),
-    )
-
-
-def import_tool_parser_plugin(plugin: str) -> None:
-    """Load a `tool_parser_plugin` the way `vllm serve --tool-parser-plugin`
-    does (a .py file, or an importable module name), so the parsers it
-    registers are known before parser names are checked."""
-    from vllm.utils.import_utils import import_plugin
-
-    looks_like_path = plugin.endswith(".py") or os.sep in plugin
-    if looks_like_path and not os.path.isfile(plugin):
-        raise InvalidArgument(f"tool_parser_plugin {plugin!r}: no such file")
-    before = set(ToolParserManager.list_registered())
-    try:
-        # Imports the file as a module named after it; None when that failed
-        # (vLLM logs the traceback).
-        module = import_plugin(plugin)
-    except Exception as e:
-        raise InvalidArgument(f"tool_parser_plugin {plugin!r} failed to import: {e!r}") from None
-    if module is None:
-        raise InvalidArgument(
-            f"tool_parser_plugin {plugin!r} failed to import (the worker log has the traceback)"
-        )
-    added = sorted(set(ToolParserManager.list_registered()) - before)
-    log.info("tool_parser_plugin %s registered: %s", plugin, ", ".join(added) or "nothing new")
-
-
-def model_family(plan: LoadPlan) -> tuple[str, list[str], Any | None]:
-    """(model_type, architectures, tokenizer), read without starting the engine.
-
-    Cheap next to an engine start (config.json and the tokenizer files only);
-    whatever cannot be read is returned empty/None with a warning, and the
-    parser choice then works with less information.
-    """
-    from vllm.tokenizers import get_tokenizer
-    from vllm.transformers_utils.config import get_config
-
-    kw = plan.engine_kwargs
-    trust = bool(kw.get("trust_remote_code"))
-    model_type, architectures = "", []
-    try:
-        cfg = get_config(plan.model, trust_remote_code=trust, revision=kw.get("revision"))
-        model_type = str(getattr(cfg, "model_type", "") or "")
-        architectures = list(getattr(cfg, "architectures", None) or ())
-    except Exception as e:
-        log.warning("LoadModel: could not read the model config for parser choice: %s", e)
-    tokenizer = None
-    try:
-        tokenizer = get_tokenizer(
-            kw.get("tokenizer") or plan.model,
-            tokenizer_mode=kw.get("tokenizer_mode", "auto"),
-            trust_remote_code=trust,
-            revision=kw.get("tokenizer_revision") or kw.get("revision"),
-        )
-    except Exception as e:
-        log.warning("LoadModel: could not load the tokenizer to check parsers: %s", e)
-    return model_type, architectures, tokenizer
-
-
-def parser_check(tokenizer: Any) -> Callable[[str, str], str | None]:
-    """(kind, name) → why vLLM's parser cannot work with `tokenizer`, or None.
-
-    Uses vLLM's own start-up check (`ParserManager.get_parser` builds the
-    parser with the tokenizer: e.g. hermes needs `<tool_call>` tokens,
-    llama3_json `<|python_tag|>`, qwen3 `<think>`).
-    """
-
-    def check(kind: str, name: str) -> str | None:
-        try:
-            ParserManager.get_parser(
-                tool_parser_name=name if kind == "tool" else None,
-                reasoning_parser_name=name if kind == "reasoning" else None,
-                enable_auto_tools=True,
-                tokenizer=tokenizer,
-            )
-        except Exception as e:
-            return f"its markers are not in this model's tokenizer ({e.__cause__ or e})"
-        return None
-
-    return check
 
 
 def _pydantic_message(e: ValidationError) -> str:
@@ -376,6 +287,15 @@ class Engine:
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def ensure_fits(self, ids: Sequence[int], what: str) -> None:
+        """INVALID_ARGUMENT naming `what` when `ids` exceed the context. Score and
+        Rerank check every input before sending any, so none of a request's
+        engine requests runs when one of its inputs cannot."""
+        if len(ids) > self.max_model_len:
+            raise InvalidArgument(
+                f"{what} is {len(ids)} tokens, over the context length {self.max_model_len}"
+            )
 
     def chat_template(self, override: str | None) -> str | None:
         """The Jinja template chats are rendered with (None: the model has none)."""

@@ -18,7 +18,7 @@ with the same engine:
 
 Every engine flag goes through vLLM's engine-argument parser
 (`backend.vllm_flags.flag_parser()`, imported lazily: this module imports no vLLM).
-`vllm serve` flags that are not engine arguments are listed in `_SERVER_FLAGS`:
+`vllm serve` flags that are not engine arguments are listed in `backend/import_flags.py`:
 those with a meaning here are mapped, the others dropped with a YAML comment
 saying why. Any other flag is an error naming the closest valid one.
 """
@@ -37,6 +37,17 @@ from typing import TYPE_CHECKING, Any
 
 from backend import peer_json
 from backend.errors import InvalidArgument
+from backend.import_flags import (
+    BACKEND_OPTIONS,
+    LEGACY_FLAGS,
+    OPTIONAL,
+    SERVER_FLAGS,
+    SWITCH,
+    TYPED,
+    VALUE,
+    VALUES,
+    arity_of,
+)
 from backend.load_options import closest
 
 if TYPE_CHECKING:
@@ -55,116 +66,6 @@ or nothing; `serve` is optional; backslash continuations are fine.
 Exit status 2 when a flag is not a vLLM flag or its value is invalid.
 """
 
-# How many values a flag takes (argparse nargs 0, None, "?", "+").
-SWITCH, VALUE, OPTIONAL, VALUES = "switch", "value", "optional", "values"
-
-_HTTP = "vLLM's HTTP server; the gateway serves the API"
-_AUTH = "the gateway authenticates clients"
-_PROCESS = "vllm serve's own process layout; the gateway starts this worker"
-_RESPONSE = "vLLM's OpenAI responses and request logging; the gateway builds the responses"
-_IMPLIED = (
-    "implied: the worker parses tool calls whenever it has a tool parser and hides "
-    "tools for tool_choice none"
-)
-_FORMAT = "the worker detects the chat template's content format, as vllm serve's default does"
-_LORA = (
-    "not imported: vllm serve offers named adapters beside the base model, while the "
-    "gateway's lora_adapters apply the first one to every request"
-)
-_REMOVED = "no longer a vLLM flag; requests are not logged unless --enable-log-requests"
-
-
-def _flags(arity: str, reason: str | None, names: str) -> dict[str, tuple[str, str | None]]:
-    return dict.fromkeys(names.split(), (arity, reason))
-
-
-# `vllm serve` flags that are not engine arguments → (arity, why dropped);
-# None: mapped by `_server_flag`. `--no-X` forms of switches are accepted too.
-# tests/unit/test_import_command.py checks this table against vLLM's parser.
-_SERVER_FLAGS = {
-    **_flags(VALUE, None, "--tool-call-parser --tool-parser-plugin --chat-template"),
-    **_flags(VALUE, None, "--default-chat-template-kwargs --config"),
-    **_flags(SWITCH, _IMPLIED, "--enable-auto-tool-choice --exclude-tools-when-tool-choice-none"),
-    **_flags(VALUE, _FORMAT, "--chat-template-content-format"),
-    **_flags(VALUES, _LORA, "--lora-modules"),
-    **_flags(VALUES, _AUTH, "--api-key"),
-    **_flags(
-        VALUE,
-        _HTTP,
-        """--host --port --uds --root-path --middleware --uvicorn-log-level --allowed-origins
-        --allowed-methods --allowed-headers --ssl-keyfile --ssl-certfile --ssl-ca-certs
-        --ssl-cert-reqs --ssl-ciphers --disable-access-log-for-endpoints
-        --sse-keep-alive-interval --h11-max-incomplete-event-size --h11-max-header-count""",
-    ),
-    **_flags(
-        SWITCH,
-        _HTTP,
-        """--disable-uvicorn-access-log --allow-credentials --enable-ssl-refresh
-        --enable-request-id-headers --disable-fastapi-docs --enable-offline-docs
-        --enable-server-load-tracking --enable-tokenizer-info-endpoint""",
-    ),
-    **_flags(
-        VALUE,
-        _PROCESS,
-        """--api-server-count -asc --grpc-port --data-parallel-supervisor-port
-        --dp-supervisor-probe-interval-s --dp-supervisor-probe-timeout-s
-        --dp-supervisor-probe-failure-threshold""",
-    ),
-    **_flags(SWITCH, _PROCESS, "--headless --grpc --enable-scale-out"),
-    **_flags(
-        VALUE,
-        _RESPONSE,
-        """--response-role --max-log-len --fingerprint-mode --fingerprint-value
-        --tool-strict-level --tool-server --anthropic-disabled-thinking-effort --cohere-format""",
-    ),
-    **_flags(
-        SWITCH,
-        _RESPONSE,
-        """--return-tokens-as-token-ids --enable-prompt-tokens-details --tokens-only
-        --enable-per-request-metrics --enable-force-include-usage --log-error-stack
-        --enable-log-outputs --enable-log-deltas --cohere-is-reasoning-model
-        --trust-request-chat-template --trust-request-mm-kwargs --enable-flash-late-interaction""",
-    ),
-}
-# Flags of older vLLM releases, still common in pasted commands.
-_LEGACY_FLAGS = {
-    **_flags(SWITCH, _REMOVED, "--disable-log-requests"),
-    **_flags(VALUE, None, "--swap-space"),
-}
-
-
-def _positive_int(v: Any) -> bool:
-    return type(v) is int and 0 < v < 2**31  # the gateway's fields are int32
-
-
-def _set_text(v: Any) -> bool:
-    return isinstance(v, str) and bool(v.strip())
-
-
-def _mm_limits(v: Any) -> bool:
-    return (
-        isinstance(v, dict)
-        and bool(v)
-        and all(k in ("image", "video", "audio") and _positive_int(n) for k, n in v.items())
-    )
-
-
-# Engine field → (LocalAI ModelConfig key, whether the gateway's field can hold the
-# value). A value it cannot hold (zero, negative, false: proto3's "unset") goes to
-# engine_args instead. `--tokenizer` is `parameters.tokenizer` in LocalAI.
-_TYPED = {
-    "max_model_len": ("context_size", _positive_int),
-    "gpu_memory_utilization": ("gpu_memory_utilization", lambda v: type(v) is float and 0 < v <= 1),
-    "dtype": ("dtype", _set_text),
-    "quantization": ("quantization", _set_text),
-    "load_format": ("load_format", _set_text),
-    "trust_remote_code": ("trust_remote_code", lambda v: v is True),
-    "enforce_eager": ("enforce_eager", lambda v: v is True),
-    "tensor_parallel_size": ("tensor_parallel_size", _positive_int),
-    "disable_log_stats": ("disable_log_stats", lambda v: v is True),
-    "limit_mm_per_prompt": ("limit_mm_per_prompt", _mm_limits),
-}
-_BACKEND_OPTIONS = ("tool_parser", "reasoning_parser", "chat_template", "tool_parser_plugin")
 _ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.DOTALL)
 _NUMBER = re.compile(r"-\d+(\.\d*)?([eE][-+]?\d+)?")
 _CONTINUATION = re.compile(r"\\[ \t]*\r?\n")
@@ -240,12 +141,6 @@ def _strip_launcher(tokens: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def _is_option(token: str) -> bool:
     return token.startswith("-") and token != "-" and not _NUMBER.fullmatch(token)
-
-
-def _arity(action: argparse.Action) -> str:
-    if action.nargs == 0:
-        return SWITCH
-    return {"?": OPTIONAL, "+": VALUES, "*": VALUES}.get(str(action.nargs), VALUE)
 
 
 def _long(action: argparse.Action) -> str:
@@ -324,9 +219,9 @@ class _Importer:
             i = self._flag(name, inline, args, i)
 
     def _flag(self, name: str, inline: str | None, args: list[str], i: int) -> int:
-        server = _SERVER_FLAGS.get(name) or _LEGACY_FLAGS.get(name)
+        server = SERVER_FLAGS.get(name) or LEGACY_FLAGS.get(name)
         if server is None and name.startswith("--no-"):  # --no-X of a server switch
-            server = _SERVER_FLAGS.get("--" + name[5:])
+            server = SERVER_FLAGS.get("--" + name[5:])
             server = server if server and server[0] == SWITCH else None
         if server is not None:
             arity, reason = server
@@ -337,11 +232,11 @@ class _Importer:
                 self.dropped.setdefault(reason, []).append(name)
             return i
         action = self._engine_action(name)
-        values, i = _take(args, i, _arity(action), inline, name)
+        values, i = _take(args, i, arity_of(action), inline, name)
         if action.dest == "model":
             self.set_model(values[0], name)
             return i
-        raw = values if _arity(action) == VALUES else (values[0] if values else None)
+        raw = values if arity_of(action) == VALUES else (values[0] if values else None)
         # A switch keeps its spelling: `--no-X` and `-ep` mean something.
         self.engine[action.dest] = _EngineFlag(name if action.nargs == 0 else _long(action), raw)
         return i
@@ -349,7 +244,7 @@ class _Importer:
     def _engine_action(self, name: str) -> argparse.Action:
         action = self.parser._actions.get(name)
         if action is None:
-            known = [*self.parser._actions, *_SERVER_FLAGS, *_LEGACY_FLAGS]
+            known = [*self.parser._actions, *SERVER_FLAGS, *LEGACY_FLAGS]
             raise CommandError(
                 f"unknown flag {name}: not a vLLM engine argument nor a `vllm serve` "
                 f"option{closest(name, known)}"
@@ -431,8 +326,8 @@ def convert(command: str | Sequence[str], parser: VllmFlagParser | None = None) 
             imp.options["reasoning_parser"] = value  # the worker also gives it to the engine
         elif dest == "tokenizer" and isinstance(value, str) and value.strip():
             cfg.parameters["tokenizer"] = value
-        elif dest in _TYPED and _TYPED[dest][1](value):
-            cfg.typed[_TYPED[dest][0]] = value
+        elif dest in TYPED and TYPED[dest][1](value):
+            cfg.typed[TYPED[dest][0]] = value
         elif _plain(value) and not (
             isinstance(flag.raw, str)
             and flag.raw[:1] in "{["
@@ -441,7 +336,7 @@ def convert(command: str | Sequence[str], parser: VllmFlagParser | None = None) 
             cfg.engine_args[dest] = value
         else:
             cli_options.append(f"{flag.flag}={flag.raw}")
-    cfg.options = [f"{k}:{imp.options[k]}" for k in _BACKEND_OPTIONS if k in imp.options]
+    cfg.options = [f"{k}:{imp.options[k]}" for k in BACKEND_OPTIONS if k in imp.options]
     cfg.options += cli_options
     _notes(cfg, imp)
     return cfg

@@ -22,7 +22,14 @@ from backend import lora, media, prompts, vllm_flags
 from backend.errors import FailedPrecondition, InvalidArgument
 from backend.gen import backend_pb2 as pb
 from backend.load_options import LoadPlan, build_load_plan, describe
-from backend.parsing import LogprobsSink, OutputState, choose_parsers
+from backend.parser_choice import (
+    choose_parsers,
+    import_tool_parser_plugin,
+    known_parsers,
+    model_family,
+    parser_check,
+)
+from backend.parsing import LogprobsSink, OutputState
 from backend.replies import Usage, reply
 from backend.sampling import sampling_kwargs
 
@@ -89,12 +96,12 @@ class LoadedModel:
             log.warning("LoadModel: %s", warning)
         settings = plan.settings
         if settings.tool_parser_plugin:
-            await asyncio.to_thread(eng.import_tool_parser_plugin, settings.tool_parser_plugin)
-        known_tool, known_reasoning = eng.known_parsers()
+            await asyncio.to_thread(import_tool_parser_plugin, settings.tool_parser_plugin)
+        known_tool, known_reasoning = known_parsers()
         # Parsers are decided and checked against the tokenizer here, before
         # the (slow) engine start: an explicit one that cannot work fails
         # now, an automatic one that cannot is dropped with a warning.
-        model_type, architectures, tokenizer = await asyncio.to_thread(eng.model_family, plan)
+        model_type, architectures, tokenizer = await asyncio.to_thread(model_family, plan)
         plan.parsers = choose_parsers(
             settings.tool_parser,
             settings.reasoning_parser,
@@ -103,7 +110,7 @@ class LoadedModel:
             name=plan.model,
             known_tool=known_tool,
             known_reasoning=known_reasoning,
-            check=eng.parser_check(tokenizer) if tokenizer is not None else None,
+            check=parser_check(tokenizer) if tokenizer is not None else None,
             vocab=tokenizer.get_vocab() if tokenizer is not None else None,
         )
         if plan.parsers[1]:

@@ -1,18 +1,13 @@
-"""Model text → content / reasoning / tool calls, through vLLM's own parsers.
+"""Model output → the ChatPieces a Reply carries, through vLLM's own parsers.
 
-Two parts:
-
-* `choose_parsers`: which vLLM tool and reasoning parser fit a model, from
-  an explicit Options setting or, failing that, the family table
-  (`FAMILY_PARSERS`), checked against the model's tokenizer before the
-  engine starts.
-* `OutputState`: the per-request streaming state. Feed it each engine delta;
-  it returns the `ChatPiece` to send. It wraps one instance of vLLM's
-  unified `Parser` (`vllm.parser`), the object vLLM's OpenAI server uses, so
-  model formats are never re-implemented here. Streamed pieces concatenate
-  to the non-streamed result by construction: tool calls are sent whole at
-  the end, parsed from the whole text like a unary request (the rule and its
-  latency cost are in `OutputState`'s docstring).
+`OutputState` is the per-request state: feed it each engine delta, it returns
+the `ChatPiece` to send. It wraps one instance of vLLM's unified `Parser`
+(`vllm.parser`), the object vLLM's OpenAI server uses, so model formats are
+never re-implemented here. Streamed pieces concatenate to the non-streamed
+result by construction: tool calls are sent whole at the end, parsed from the
+whole text like a unary request (the rule and its latency cost are in
+`OutputState`'s docstring). Which parsers a model gets is decided in
+`backend/parser_choice.py`.
 
 This module does not import vLLM: the parser object is handed in.
 """
@@ -21,199 +16,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from backend.replies import ChatPiece, ToolCallPiece, logprob_entries, logprobs_json
 
 log = logging.getLogger(__name__)
-
-
-# Family table: (needle, tool parser, reasoning parser, why).
-#
-# The needle is looked for in the model name (path or hub id) first, then in
-# config.json's `model_type` and `architectures`; the first row that matches
-# wins, so specific rows come before generic ones. Every choice made here is
-# then checked against the model's tokenizer before the engine starts
-# (`choose_parsers`): a parser whose marker tokens the tokenizer lacks is
-# skipped with a warning, so a wrong guess costs a feature, never the load.
-#
-# | family                       | tool            | reasoning     |
-# |------------------------------|-----------------|---------------|
-# | GPT-OSS                      | openai          | openai_gptoss |
-# | Qwen3-Coder                  | qwen3_coder     | -             |
-# | QwQ                          | hermes          | deepseek_r1   |
-# | Qwen3 *-Instruct-2507        | hermes          | -             |
-# | Qwen3 (original, *-Thinking-2507) | hermes     | qwen3         |
-# | DeepSeek-R1-Distill-*        | hermes          | deepseek_r1   |
-# | DeepSeek-R1                  | deepseek_v3     | deepseek_r1   |
-# | DeepSeek-V3.1                | deepseek_v31    | deepseek_v3   |
-# | DeepSeek-V3                  | deepseek_v3     | deepseek_v3   |
-# | Qwen2 / Qwen2.5              | hermes          | -             |
-# | Hermes (Nous)                | hermes          | -             |
-# | Magistral                    | mistral         | mistral       |
-# | Mistral / Mixtral            | mistral         | -             |
-# | Llama 4                      | llama4_pythonic | -             |
-# | Llama 3.x (by name)          | llama3_json     | -             |
-# | other Llama architecture     | -               | -             |
-# | Granite 4                    | granite4        | -             |
-# | Granite 3                    | granite         | granite       |
-# | Phi-4-mini                   | phi4_mini_json  | -             |
-# | other Phi                    | -               | -             |
-# | SmolLM3                      | hermes          | qwen3         |
-# | SmolLM / SmolLM2             | -               | -             |
-# | FunctionGemma                | functiongemma   | -             |
-# | Gemma 4                      | gemma4          | gemma4        |
-# | Gemma 1-3                    | -               | -             |
-FAMILY_PARSERS: tuple[tuple[str, str | None, str | None, str], ...] = (
-    ("gpt_oss", "openai", "openai_gptoss", "harmony format"),
-    ("gpt-oss", "openai", "openai_gptoss", "harmony format"),
-    ("qwen3_coder", "qwen3_coder", None, "XML calls <function=...>, no thinking"),
-    ("qwen3-coder", "qwen3_coder", None, "XML calls <function=...>, no thinking"),
-    # QwQ's template opens <think> in the prompt; deepseek_r1 expects that.
-    ("qwq", "hermes", "deepseek_r1", "<tool_call> JSON; think block opened by the template"),
-    # 2507 Instruct models do not think; 2507 Thinking ones open <think> in
-    # the prompt, which the qwen3 parser handles (only </think> is generated).
-    ("instruct-2507", "hermes", None, "<tool_call> JSON; 2507 Instruct has no thinking"),
-    ("qwen3", "hermes", "qwen3", "<tool_call> JSON; <think> block"),
-    ("deepseek-r1-distill", "hermes", "deepseek_r1", "base model's <tool_call>; R1 thinking"),
-    ("deepseek-r1", "deepseek_v3", "deepseek_r1", "DeepSeek call markers; R1 thinking"),
-    ("deepseek-v3.1", "deepseek_v31", "deepseek_v3", "V3.1 call format; thinking by template"),
-    ("deepseek_v3", "deepseek_v3", "deepseek_v3", "DeepSeek call markers"),
-    ("deepseek-v3", "deepseek_v3", "deepseek_v3", "DeepSeek call markers"),
-    ("qwen2", "hermes", None, "<tool_call> JSON (Qwen2/2.5 template)"),
-    ("hermes", "hermes", None, "<tool_call> JSON (Hermes 2/3 template)"),
-    ("magistral", "mistral", "mistral", "[TOOL_CALLS]; [THINK] block"),
-    ("mistral", "mistral", None, "[TOOL_CALLS]"),
-    ("mixtral", "mistral", None, "[TOOL_CALLS]"),
-    ("llama4", "llama4_pythonic", None, "pythonic calls (Llama 4 template)"),
-    ("llama-4", "llama4_pythonic", None, "pythonic calls (Llama 4 template)"),
-    ("llama-3", "llama3_json", None, "<|python_tag|>/JSON calls (Llama 3.1+ template)"),
-    ("llama3", "llama3_json", None, "<|python_tag|>/JSON calls (Llama 3.1+ template)"),
-    # The Llama architecture alone says nothing about the format: TinyLlama,
-    # Llama 2, SmolLM2 and most fine-tunes have no tool-call tokens.
-    ("llama", None, None, "Llama architecture without a known tool format"),
-    ("granite-4", "granite4", None, "Granite 4 <tool_call> format"),
-    ("granitemoehybrid", "granite4", None, "Granite 4 <tool_call> format"),
-    ("granite", "granite", "granite", "<|tool_call|>; 'Here is my thought process'"),
-    ("phi-4-mini", "phi4_mini_json", None, "functools[...] calls"),
-    ("phi", None, None, "Phi templates define no tool format"),
-    ("smollm3", "hermes", "qwen3", "<tool_call> JSON; <think> block"),
-    ("smollm", None, None, "SmolLM/SmolLM2 templates define no tool format"),
-    ("functiongemma", "functiongemma", None, "FunctionGemma call tokens"),
-    ("gemma4", "gemma4", "gemma4", "Gemma 4 call and thinking tokens"),
-    ("gemma-4", "gemma4", "gemma4", "Gemma 4 call and thinking tokens"),
-    ("gemma", None, None, "Gemma 1-3 templates define no tool format"),
-)
-
-
-def family_parsers(
-    model_type: str, architectures: Sequence[str], name: str
-) -> tuple[str | None, str | None, str]:
-    """(tool parser, reasoning parser, what matched) from the family table.
-
-    The model name is searched first (it distinguishes e.g. DeepSeek-R1
-    distills from their Qwen/Llama base), then model_type and architectures.
-    """
-    haystacks = [name.lower(), model_type.lower(), *(a.lower() for a in architectures)]
-    for hay in haystacks:
-        for needle, tool, reasoning, _why in FAMILY_PARSERS:
-            if needle in hay:
-                return tool, reasoning, needle
-    return None, None, ""
-
-
-# Tokens an automatically chosen parser needs in the vocabulary. vLLM's own
-# check accepts e.g. hermes or qwen3 on any tokenizer (they also parse the
-# markers as plain text); a guess is held to more: the model must have been
-# trained with the markers as tokens, or the guess is probably wrong.
-AUTO_MARKER_TOKENS: dict[str, tuple[str, ...]] = {
-    "hermes": ("<tool_call>", "</tool_call>"),
-    "qwen3_coder": ("<tool_call>", "</tool_call>"),
-    "llama3_json": ("<|python_tag|>",),
-    "mistral": ("[TOOL_CALLS]",),
-    "granite": ("<|tool_call|>",),
-    "qwen3": ("<think>", "</think>"),
-    "deepseek_r1": ("<think>", "</think>"),
-    "mistral_reasoning": ("[THINK]", "[/THINK]"),
-}
-
-
-def missing_markers(name: str, kind: str, vocab: Container[str]) -> str | None:
-    key = "mistral_reasoning" if (kind, name) == ("reasoning", "mistral") else name
-    missing = [t for t in AUTO_MARKER_TOKENS.get(key, ()) if t not in vocab]
-    if missing:
-        return f"the tokenizer has no {' / '.join(missing)} token"
-    return None
-
-
-# (kind, parser name) → why it cannot work with this model's tokenizer, or None.
-ParserCheck = Callable[[str, str], "str | None"]
-
-
-def choose_parsers(
-    explicit_tool: str | None,
-    explicit_reasoning: str | None,
-    *,
-    model_type: str,
-    architectures: Sequence[str],
-    name: str,
-    known_tool: Sequence[str],
-    known_reasoning: Sequence[str],
-    check: ParserCheck | None = None,
-    vocab: Container[str] | None = None,
-) -> tuple[str | None, str | None]:
-    """Explicit setting wins ("" = explicitly none); else the family table.
-
-    An unknown explicit name, or one `check` finds unusable with the model's
-    tokenizer, is an error (LoadModel fails before the engine starts). An
-    automatic choice this vLLM lacks or `check` rejects is skipped with a
-    warning saying why: a guess never makes a load fail.
-    """
-    from backend.errors import InvalidArgument
-
-    auto_tool, auto_reasoning, matched = family_parsers(model_type, architectures, name)
-    chosen: list[str | None] = []
-    for kind, explicit, auto, known in (
-        ("tool", explicit_tool, auto_tool, known_tool),
-        ("reasoning", explicit_reasoning, auto_reasoning, known_reasoning),
-    ):
-        if explicit is not None:
-            if explicit and explicit not in known:
-                raise InvalidArgument(
-                    f"unknown {kind}_parser {explicit!r}; valid names: {', '.join(sorted(known))}"
-                )
-            problem = check(kind, explicit) if explicit and check is not None else None
-            if problem:
-                raise InvalidArgument(f"{kind}_parser {explicit!r} cannot be used: {problem}")
-            chosen.append(explicit or None)
-            log.info("%s parser: %s (from Options)", kind, explicit or "none")
-            continue
-        if not auto:
-            chosen.append(None)
-            log.info("%s parser: none (no family rule for this model)", kind)
-            continue
-        if auto not in known:
-            problem = "this vLLM has no parser of that name"
-        else:
-            problem = missing_markers(auto, kind, vocab) if vocab is not None else None
-            if problem is None and check is not None:
-                problem = check(kind, auto)
-        if problem:
-            log.warning(
-                "%s parser %s (family %r) skipped: %s; set %s_parser in Options to choose one",
-                kind,
-                auto,
-                matched,
-                problem,
-                kind,
-            )
-            chosen.append(None)
-        else:
-            chosen.append(auto)
-            log.info("%s parser: %s (chosen for model family %r)", kind, auto, matched)
-    return chosen[0], chosen[1]
 
 
 def new_tool_call_id() -> str:

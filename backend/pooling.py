@@ -66,11 +66,7 @@ async def rerank(model: Any, request: pb.RerankRequest, request_id: str) -> pb.R
         raise InvalidArgument(f"top_n must be >= 0, got {request.top_n}")
     pairs = [engine.encode_pair(request.query, doc) for doc in request.documents]
     for i, (ids, _) in enumerate(pairs):
-        if len(ids) > engine.max_model_len:
-            raise InvalidArgument(
-                f"query + documents[{i}] is {len(ids)} tokens, over the context "
-                f"length {engine.max_model_len}"
-            )
+        engine.ensure_fits(ids, f"query + documents[{i}]")
     outputs = await gather_or_cancel(
         engine.pool(
             {"prompt_token_ids": ids},

@@ -68,11 +68,7 @@ async def score(model: Any, request: pb.ScoreRequest, request_id: str) -> pb.Sco
     prompt_ids = engine.tokenize(request.prompt)
     fulls = [engine.tokenize(request.prompt + candidate) for candidate in request.candidates]
     for i, ids in enumerate(fulls):
-        if len(ids) > engine.max_model_len:
-            raise InvalidArgument(
-                f"prompt + candidates[{i}] is {len(ids)} tokens, over the context "
-                f"length {engine.max_model_len}"
-            )
+        engine.ensure_fits(ids, f"prompt + candidates[{i}]")
     positions = await gather_or_cancel(
         engine.prompt_logprobs(ids, f"{request_id}-{i}") for i, ids in enumerate(fulls)
     )

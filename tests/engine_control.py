@@ -1,4 +1,11 @@
-"""Hold the vLLM engine still, so a test's precondition does not depend on machine speed.
+"""The vLLM engine's processes under a worker: find them, and hold the engine still, so
+a test's precondition does not depend on machine speed.
+
+Engine processes are recognised by the process titles vLLM sets
+(`VLLM::EngineCore`, `VLLM::Worker`; the kernel truncates names to 15 characters,
+so `VLLM::EngineCor`). Python's multiprocessing resource tracker (one per process
+that ever spawned a child; it lives as long as the worker and holds no model
+memory) is not an engine process.
 
 A generation the engine core cannot finish is what tests of kill, cancel and
 shutdown need. Fast or slow, a core under SIGSTOP generates nothing: every
@@ -22,6 +29,7 @@ import contextlib
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,14 +40,42 @@ import psutil
 
 REQUEST_LOGGED = "Prompt:"  # --debug-requests: the request as it goes to vLLM
 ENGINE_CORE = "VLLM::EngineCor"  # 15-character kernel name of VLLM::EngineCore
+MODEL_RUNNER = "VLLM::Worker"
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def is_resource_tracker(p: psutil.Process) -> bool:
+    try:
+        return "resource_tracker" in " ".join(p.cmdline())
+    except psutil.Error:  # a zombie's command line cannot be read: not the tracker
+        return False
+
+
+def engine_processes(pid: int, *, unreaped: bool = False) -> list[psutil.Process]:
+    """vLLM's engine processes under `pid`: running ones, and with `unreaped` also
+    those that exited but their parent has not reaped (zombies), which a test of
+    reaping must see. Processes gone since they were listed are left out."""
+    out = []
+    for p in descendants(pid):
+        if is_resource_tracker(p):
+            continue
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE and not unreaped:
+                continue
+        except psutil.NoSuchProcess:
+            continue
+        out.append(p)
+    return out
 
 
 def engine_core_of(pid: int) -> psutil.Process:
-    cores = [
-        p
-        for p in psutil.Process(pid).children(recursive=True)
-        if p.is_running() and p.name().startswith(ENGINE_CORE)
-    ]
+    cores = [p for p in engine_processes(pid) if p.name().startswith(ENGINE_CORE)]
     if len(cores) != 1:  # not assert: the e2e harness must hold under python -O
         raise RuntimeError(f"expected one engine core under {pid}, found {cores}")
     return cores[0]
@@ -118,3 +154,84 @@ def quiet(got: list, seconds: float, timeout: float = 60.0) -> bool:
         if len(got) == before:
             return True
     return False
+
+
+def _fail_unless(cond: Any, message: str) -> None:
+    # Not `assert`: the e2e harness runs this under python -O too.
+    if not cond:
+        raise AssertionError(message)
+
+
+def cancel_aborts_engine_request(
+    stub: Any,
+    core: psutil.Process,
+    request: Any,
+    *,
+    log_path: Path | None,
+    ready_within: float = 2.0,
+) -> str:
+    """Cancel a stream the engine provably has not finished: the worker must abort it
+    in vLLM, so Status (vLLM's table of unfinished requests) goes back to READY.
+
+    The engine core is SIGSTOPped before `request` (a PredictOptions with a
+    CorrelationId, long enough not to finish) is streamed, so the generation cannot
+    end however fast the machine is; `log_path` (the worker's log, when it runs with
+    --debug-requests) shows the request reached vLLM, which registers it without the
+    core. Checked before the cancel: nothing arrives for 1 s, the call has no status,
+    Status is BUSY. READY within `ready_within` seconds with the core still stopped
+    can then only come from the worker aborting the request: one that was not aborted
+    stays in the table while the core is stopped. (Stopping the core on the stream's
+    first output instead raced the engine: on a loaded machine the stop came after
+    the last token.) Used by the integration test (the worker as tests start it) and
+    the e2e harness (the packaged worker, maybe one it did not start).
+
+    Returns what was seen, for the caller to print; raises AssertionError if the proof
+    fails. The core is resumed whatever happens.
+    """
+    from backend.gen import backend_pb2 as pb
+
+    def status() -> int:
+        return int(stub.Status(pb.HealthMessage(), timeout=10).state)
+
+    since = log_path.stat().st_size if log_path is not None else 0
+    got: list[Any] = []
+    reader = None
+    try:
+        stop(core)
+        call = stub.PredictStream(request, timeout=300)
+        if log_path is not None:
+            _fail_unless(
+                wait_logged(log_path, [request.CorrelationId], since=since),
+                "the worker never logged the request",
+            )
+        reader = threading.Thread(target=read_into, args=(call, got), daemon=True)
+        reader.start()
+        _fail_unless(quiet(got, 1.0), "chunks kept coming with the engine core stopped")
+        busy = status()
+        precondition = (
+            f"engine core stopped before the stream was sent; call done: {call.done()}, "
+            f"Status {pb.StatusResponse.State.Name(busy)}"
+        )
+        _fail_unless(not call.done(), f"the call ended with the core stopped ({precondition})")
+        _fail_unless(busy == pb.StatusResponse.BUSY, f"not BUSY during generation: {precondition}")
+        call.cancel()
+        cancelled_at = time.monotonic()
+        state = busy
+        while time.monotonic() - cancelled_at < ready_within:
+            state = status()
+            if state == pb.StatusResponse.READY:
+                break
+            time.sleep(0.02)
+        ready_ms = (time.monotonic() - cancelled_at) * 1000
+        _fail_unless(
+            state == pb.StatusResponse.READY,
+            f"Status still {pb.StatusResponse.State.Name(state)} {ready_within}s after "
+            f"cancel with the engine core stopped ({precondition})",
+        )
+        _fail_unless(core.status() == psutil.STATUS_STOPPED, "the engine core ran during the check")
+    finally:
+        resume(core)
+        if reader is not None:
+            reader.join(10)
+    _fail_unless(call.code() == grpc.StatusCode.CANCELLED, f"call ended with {call.code()}")
+    return f"{precondition}; READY {ready_ms:.0f} ms after cancel"

@@ -57,7 +57,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -76,6 +75,7 @@ from backend.gen import backend_pb2 as pb  # noqa: E402
 from backend.gen import backend_pb2_grpc  # noqa: E402
 from tests import engine_control  # noqa: E402
 from tests.conftest import KV_CACHE_OPTION, free_port, tiny_load_options  # noqa: E402
+from tests.engine_control import descendants, engine_processes  # noqa: E402
 from tests.integration.chat_helpers import WEATHER_TOOL, chat_request, collect  # noqa: E402
 from tests.integration.conftest import CHAT_OPTIONS  # noqa: E402
 
@@ -222,25 +222,6 @@ class Config:
 # ------------------------------------------------------------------------------------
 # processes
 # ------------------------------------------------------------------------------------
-
-
-def is_resource_tracker(p: psutil.Process) -> bool:
-    """multiprocessing's resource tracker: one per process that ever spawned, lives as
-    long as the worker, holds no model memory; not an engine process."""
-    with contextlib.suppress(psutil.Error):
-        return "resource_tracker" in " ".join(p.cmdline())
-    return False
-
-
-def descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def engine_processes(pid: int) -> list[psutil.Process]:
-    return [p for p in descendants(pid) if not is_resource_tracker(p)]
 
 
 def is_zombie(p: psutil.Process) -> bool:
@@ -546,7 +527,7 @@ class Harness:
             )
         lib = (ROOT / "lib").resolve()
         worker = psutil.Process(self.worker_pid)
-        engines = engine_processes(self.worker_pid)
+        engines = engine_processes(self.worker_pid, unreaped=True)
         check(engines, "no engine process under the worker (is a model loaded?)")
 
         def short(path: str) -> str:
@@ -867,16 +848,10 @@ class Harness:
         return f"log_probs {[round(c.log_prob, 2) for c in res.candidates]}"
 
     def cap_cancel(self) -> str:
-        """Cancel a stream the engine provably has not finished; the engine must drop it.
-
-        Status READY means no unfinished request in the engine. The engine core is
-        SIGSTOPped before the stream is sent, so the generation cannot finish, however
-        fast the machine; for the worker this harness started (it logs with
-        BACKEND_DEBUG_REQUESTS=1) its log shows the request reached vLLM. Checked before
-        the cancel: nothing arrives for 1 s, the call has no status, Status is BUSY. READY
-        with the core still stopped can then only come from the worker aborting the
-        request (an unaborted one stays in vLLM's table while the core is stopped).
-        """
+        """Cancel a stream the engine provably has not finished; the engine must drop it
+        (the proof, shared with tests/integration/test_generation.py, is in
+        engine_control). The worker's log shows the request reached vLLM when this
+        harness started the worker (it logs with BACKEND_DEBUG_REQUESTS=1)."""
         if not self.worker_pid:
             raise Skip("cancel stops the engine core: the worker's pid is unknown")
         want = 1000
@@ -886,59 +861,22 @@ class Harness:
             ).length
             want = min(2000, 2048 - prompt_len - 8)
         core = engine_control.engine_core_of(self.worker_pid)
-        # The core is stopped before the stream is sent (stopping it on the
-        # stream's first output raced the engine on a loaded machine: the stop
-        # came after the last token); the worker's own log (when the harness
-        # started it) shows the request reached vLLM.
-        since = self.worker.log_path.stat().st_size if self.worker else 0
-        got: list[pb.Reply] = []
         try:
-            engine_control.stop(core)
-            call = self.stub.PredictStream(
+            seen = engine_control.cancel_aborts_engine_request(
+                self.stub,
+                core,
                 self.predict_request(Tokens=want, IgnoreEOS=True, CorrelationId="e2e-cancel"),
-                timeout=300,
+                log_path=self.worker.log_path if self.worker is not None else None,
+                ready_within=CANCEL_READY_WITHIN,
             )
-            if self.worker is not None:
-                check(
-                    engine_control.wait_logged(self.worker.log_path, ["e2e-cancel"], since=since),
-                    "the worker never logged the request",
-                )
-            reader = threading.Thread(
-                target=engine_control.read_into, args=(call, got), daemon=True
-            )
-            reader.start()
-            check(engine_control.quiet(got, 1.0), "chunks kept coming with the engine core stopped")
-            busy = self.status()
-            precondition = (
-                f"engine core stopped before the stream was sent; Status {state_name(busy)}"
-            )
-            check(not call.done(), f"the call ended with the core stopped ({precondition})")
-            check(busy == pb.StatusResponse.BUSY, f"Status during generation: {precondition}")
-            call.cancel()
-            cancelled_at = time.monotonic()
-            state = busy
-            while time.monotonic() - cancelled_at < CANCEL_READY_WITHIN:
-                state = self.status()
-                if state == pb.StatusResponse.READY:
-                    break
-                time.sleep(0.02)
-            ready_ms = (time.monotonic() - cancelled_at) * 1000
-            check(
-                state == pb.StatusResponse.READY,
-                f"Status still {state_name(state)} {CANCEL_READY_WITHIN}s after cancel "
-                f"with the engine core stopped ({precondition})",
-            )
-            check(core.status() == psutil.STATUS_STOPPED, "the engine core ran during the check")
-        finally:
-            engine_control.resume(core)
-        reader.join(10)
-        check(call.code() == grpc.StatusCode.CANCELLED, f"call ended with {call.code()}")
+        except AssertionError as e:
+            raise Failed(str(e)) from None
         after = self.stub.Predict(self.predict_request(Tokens=4), timeout=60)
         check(after.tokens > 0, "no generation after the cancel")
-        return f"{precondition}; READY {ready_ms:.0f}ms after cancel; next Predict fine"
+        return f"{seen}; next Predict fine"
 
     def cap_free(self) -> str:
-        engines = engine_processes(self.worker_pid) if self.worker_pid else []
+        engines = engine_processes(self.worker_pid, unreaped=True) if self.worker_pid else []
         if self.worker_pid:
             check(engines, "no engine process before Free")
         result = self.stub.Free(pb.HealthMessage(), timeout=120)
@@ -951,7 +889,7 @@ class Harness:
         alive, zombies = wait_gone(engines, timeout=30)
         check(not alive, f"engine processes still running after Free: {alive}")
         if self.worker_pid:
-            left = [p for p in engine_processes(self.worker_pid) if not is_zombie(p)]
+            left = engine_processes(self.worker_pid)
             check(
                 not left,
                 f"processes under the worker after Free: {[(p.pid, p.name()) for p in left]}",

@@ -92,6 +92,12 @@ def test_rerank_scores_and_orders_documents_like_transformers(bert_worker):
     with pytest.raises(grpc.RpcError) as err:
         bert_worker.stub.Rerank(pb.RerankRequest(query=QUERY), timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        bert_worker.stub.Rerank(
+            pb.RerankRequest(query=QUERY, documents=[DOCS[0], "word " * 600]), timeout=60
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "documents[1]" in err.value.details() and "context" in err.value.details()
 
 
 def test_rerank_on_a_generation_model_is_failed_precondition(loaded):

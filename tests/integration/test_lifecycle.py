@@ -8,6 +8,7 @@ import pytest
 
 from backend.gen import backend_pb2 as pb
 from tests.conftest import Worker, tiny_load_options
+from tests.engine_control import engine_processes
 
 pytestmark = pytest.mark.integration
 
@@ -17,23 +18,6 @@ def fresh():
     w = Worker()
     yield w
     w.stop()
-
-
-def _engine_children(worker: Worker) -> list[psutil.Process]:
-    """vLLM's engine processes under the worker. Python's multiprocessing
-    resource tracker (one per process that ever spawned, lives as long as the
-    worker and holds no model memory) is not one of them."""
-    out = []
-    for p in psutil.Process(worker.proc.pid).children(recursive=True):
-        try:
-            if "resource_tracker" in " ".join(p.cmdline()):
-                continue
-        except psutil.ZombieProcess:
-            pass  # an engine process nobody reaped: still counts
-        except psutil.NoSuchProcess:
-            continue
-        out.append(p)
-    return out
 
 
 def test_worker_serves_on_uvloop_and_grpcio_by_default(fresh):
@@ -111,14 +95,16 @@ def test_engine_start_failure_is_reported_not_raised(fresh, tiny_model_dir):
         timeout=300,
     )
     assert not result.success, result.message
-    assert not _engine_children(fresh), "a failed start must not leave engine processes"
+    assert not engine_processes(fresh.proc.pid, unreaped=True), (
+        "a failed start must not leave engine processes"
+    )
 
 
 def test_load_free_reload_releases_the_engine(fresh, tiny_model_dir):
     result = fresh.stub.LoadModel(tiny_load_options(tiny_model_dir), timeout=300)
     assert result.success, f"{result.message}\n{fresh.log_tail()}"
     assert fresh.stub.Status(pb.HealthMessage()).state == pb.StatusResponse.READY
-    children = _engine_children(fresh)
+    children = engine_processes(fresh.proc.pid)
     assert children, "vLLM runs its engine core in a child process"
     loaded_rss = fresh.stub.Status(pb.HealthMessage()).memory.total
     assert (
@@ -132,7 +118,9 @@ def test_load_free_reload_releases_the_engine(fresh, tiny_model_dir):
     assert freed.success
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, f"engine processes still alive after Free: {alive}"
-    assert not _engine_children(fresh), "exited engine processes are reaped, not left as zombies"
+    assert not engine_processes(fresh.proc.pid, unreaped=True), (
+        "exited engine processes are reaped, not left as zombies"
+    )
     assert fresh.stub.Status(pb.HealthMessage()).memory.total < loaded_rss
     with pytest.raises(grpc.RpcError) as err:
         fresh.stub.Predict(pb.PredictOptions(Prompt="hi"), timeout=10)
@@ -151,13 +139,13 @@ def test_load_free_reload_releases_the_engine(fresh, tiny_model_dir):
 def test_load_on_a_loaded_worker_replaces_the_model(fresh, tiny_model_dir):
     first = fresh.stub.LoadModel(tiny_load_options(tiny_model_dir), timeout=300)
     assert first.success
-    old = _engine_children(fresh)
+    old = engine_processes(fresh.proc.pid)
     second = fresh.stub.LoadModel(tiny_load_options(tiny_model_dir, MaxModelLen=1024), timeout=300)
     assert second.success, second.message
     assert "max_model_len 1024" in second.message
     _, alive = psutil.wait_procs(old, timeout=30)
     assert old and not alive, "the old engine is shut down before the new one serves"
-    assert _engine_children(fresh)
+    assert engine_processes(fresh.proc.pid)
     assert (
         fresh.stub.Predict(
             pb.PredictOptions(Prompt="hi", Tokens=2, IgnoreEOS=True), timeout=60
@@ -175,7 +163,7 @@ def test_cancelled_load_does_not_leave_an_engine_behind(fresh, tiny_model_dir):
     # the next load runs: afterwards exactly one engine serves.
     result = fresh.stub.LoadModel(tiny_load_options(tiny_model_dir), timeout=300)
     assert result.success, result.message
-    cores = [p for p in _engine_children(fresh) if p.status() != psutil.STATUS_ZOMBIE]
+    cores = engine_processes(fresh.proc.pid)
     assert all("VLLM" in p.name() for p in cores), cores
     cores = [p for p in cores if "EngineCore" in p.name()]
     assert len(cores) == 1, cores

@@ -1,10 +1,6 @@
 """Process, memory and shared-memory probes for the reliability tests.
 
-Engine processes are recognised by the process titles vLLM sets
-(`VLLM::EngineCore`, `VLLM::Worker`; the kernel truncates names to 15
-characters, so `VLLM::EngineCor`). Python's multiprocessing resource tracker
-(one per process that ever spawned a child; it lives as long as the worker and
-holds no model memory) is not an engine process.
+Which processes are the engine's is decided in `tests/engine_control.py`.
 """
 
 from __future__ import annotations
@@ -21,16 +17,9 @@ import psutil
 
 from backend.gen import backend_pb2 as pb
 from tests.conftest import Worker, tiny_load_options
+from tests.engine_control import ENGINE_CORE, MODEL_RUNNER, descendants, engine_processes
 
-ENGINE_CORE = "VLLM::EngineCor"  # 15-character kernel name of VLLM::EngineCore
 SHM = Path("/dev/shm")
-
-
-def is_resource_tracker(p: psutil.Process) -> bool:
-    try:
-        return "resource_tracker" in " ".join(p.cmdline())
-    except psutil.Error:
-        return False
 
 
 def running(p: psutil.Process) -> bool:
@@ -41,18 +30,6 @@ def running(p: psutil.Process) -> bool:
         return False
 
 
-def descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def engine_processes(pid: int) -> list[psutil.Process]:
-    """Running engine processes under `pid` (resource tracker and zombies excluded)."""
-    return [p for p in descendants(pid) if running(p) and not is_resource_tracker(p)]
-
-
 def zombies(pid: int) -> list[psutil.Process]:
     out = []
     for p in descendants(pid):
@@ -60,12 +37,6 @@ def zombies(pid: int) -> list[psutil.Process]:
             if p.status() == psutil.STATUS_ZOMBIE:
                 out.append(p)
     return out
-
-
-def engine_core(pid: int) -> psutil.Process:
-    cores = [p for p in engine_processes(pid) if p.name().startswith(ENGINE_CORE)]
-    assert len(cores) == 1, f"expected one engine core under {pid}, found {cores}"
-    return cores[0]
 
 
 def survivors(procs: Iterable[psutil.Process], timeout: float) -> list[psutil.Process]:
@@ -108,9 +79,6 @@ def tree_rss(pid: int) -> dict[str, int]:
         with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
     return {"worker": worker, "tree": total}
-
-
-MODEL_RUNNER = "VLLM::Worker"
 
 
 def role_uss(pid: int) -> dict[str, int]:

@@ -21,8 +21,6 @@ from tests.conftest import Worker
 from tests.h2client import H2Client
 from tests.reliability.helpers import (
     describe,
-    engine_core,
-    engine_processes,
     greedy,
     load,
     log_text,
@@ -93,8 +91,8 @@ def death(tiny_model_dir):
     try:
         load(worker, tiny_model_dir)
         assert worker.stub.Predict(greedy(Tokens=2), timeout=120).tokens == 2
-        procs = engine_processes(worker.proc.pid)
-        core = engine_core(worker.proc.pid)
+        procs = engine_control.engine_processes(worker.proc.pid)
+        core = engine_control.engine_core_of(worker.proc.pid)
         client = H2Client(worker.addr)
         since = worker.log_path.stat().st_size
         # Stopped before the calls are sent: stopping it on the streams' first
@@ -219,7 +217,10 @@ def test_load_model_recovers_and_serves(death, tiny_model_dir):
     assert stub.Predict(greedy(Tokens=5), timeout=120).tokens == 5
     chunks = list(stub.PredictStream(greedy(Tokens=5), timeout=120))
     assert chunks[-1].tokens == 5
-    assert not (set(death.engine_pids) & {p.pid for p in engine_processes(death.worker.proc.pid)})
+    assert not (
+        set(death.engine_pids)
+        & {p.pid for p in engine_control.engine_processes(death.worker.proc.pid)}
+    )
 
 
 # ---- --exit-on-engine-death ------------------------------------------------------------
@@ -230,9 +231,9 @@ def test_exit_on_engine_death_exits_the_idle_worker_and_leaves_no_engine(tiny_mo
     worker = Worker(args=["--exit-on-engine-death"])
     try:
         load(worker, tiny_model_dir)
-        procs = engine_processes(worker.proc.pid)
+        procs = engine_control.engine_processes(worker.proc.pid)
         assert procs
-        core = engine_core(worker.proc.pid)
+        core = engine_control.engine_core_of(worker.proc.pid)
         killed_at = time.monotonic()
         os.kill(core.pid, signal.SIGKILL)
         try:

@@ -14,9 +14,9 @@ import pytest
 
 from backend.gen import backend_pb2 as pb
 from tests.conftest import Worker
+from tests.engine_control import engine_processes
 from tests.reliability.helpers import (
     describe,
-    engine_processes,
     greedy,
     load,
     log_text,

@@ -23,9 +23,7 @@ from backend.gen import backend_pb2_grpc
 from tests import engine_control
 from tests.conftest import ROOT, Worker, free_port, tiny_load_options
 from tests.reliability.helpers import (
-    descendants,
     describe,
-    engine_processes,
     greedy,
     kill_group,
     load,
@@ -108,7 +106,7 @@ def signalled(request, tiny_model_dir):
     core = None
     try:
         load(worker, tiny_model_dir)
-        procs = engine_processes(worker.proc.pid)
+        procs = engine_control.engine_processes(worker.proc.pid)
         core = engine_control.engine_core_of(worker.proc.pid)
         since = worker.log_path.stat().st_size
         engine_control.stop(core)
@@ -288,7 +286,7 @@ def test_worker_and_engine_exit_when_the_parent_is_killed(tmp_path, tiny_model_d
     try:
         result = family.stub.LoadModel(tiny_load_options(tiny_model_dir), timeout=600)
         assert result.success, result.message
-        engine = engine_processes(family.worker.pid)
+        engine = engine_control.engine_processes(family.worker.pid)
         assert engine, "the model runs in engine processes under the worker"
         family.parent.kill()
         family.parent.wait(10)
@@ -321,4 +319,4 @@ def test_parent_watch_off_keeps_the_worker_running(tmp_path):
     finally:
         _cleanup(family)
     assert not running(family.worker)
-    assert not [p for p in descendants(family.worker.pid) if running(p)]
+    assert not [p for p in engine_control.descendants(family.worker.pid) if running(p)]

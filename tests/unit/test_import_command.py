@@ -28,6 +28,7 @@ import yaml
 
 from backend import import_command as ic
 from backend import vllm_flags  # needs vLLM: tests/unit runs in the installed venv
+from backend.import_flags import LEGACY_FLAGS, SERVER_FLAGS, arity_of
 from backend.load_options import build_load_plan
 from tests.unit.fakes import FakeModelOptions
 
@@ -480,13 +481,13 @@ def test_server_flag_table_matches_vllm_serve(parser, serve_parser):
     for option, action in serve_options.items():
         if option in parser._actions:
             continue
-        listed = ic._SERVER_FLAGS.get(option)
+        listed = SERVER_FLAGS.get(option)
         if listed is None and option.startswith("--no-"):
-            listed = ic._SERVER_FLAGS.get("--" + option[5:])
+            listed = SERVER_FLAGS.get("--" + option[5:])
         assert listed is not None, f"vllm serve has {option}: map it or say why it is dropped"
-        assert listed[0] == ic._arity(action), option
-    assert set(ic._SERVER_FLAGS) <= set(serve_options)
-    assert not set(ic._LEGACY_FLAGS) & set(serve_options), "a legacy flag is back in vLLM"
+        assert listed[0] == arity_of(action), option
+    assert set(SERVER_FLAGS) <= set(serve_options)
+    assert not set(LEGACY_FLAGS) & set(serve_options), "a legacy flag is back in vLLM"
 
 
 def test_stdin_and_double_dash_forms(parser, capsys, monkeypatch):

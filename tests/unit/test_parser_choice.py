@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from backend.errors import InvalidArgument
-from backend.parsing import FAMILY_PARSERS, choose_parsers, family_parsers
+from backend.parser_choice import FAMILY_PARSERS, choose_parsers, family_parsers
 from tests.tokenizer_variants import tokenizer_variant
 
 CASES = [
@@ -53,7 +53,7 @@ def test_family_table(name, model_type, arch, tool, reasoning):
 
 
 def test_every_parser_of_the_table_is_registered_in_this_vllm():
-    from backend.engine import known_parsers
+    from backend.parser_choice import known_parsers
 
     known_tool, known_reasoning = known_parsers()
     for needle, tool, reasoning, why in FAMILY_PARSERS:
@@ -82,7 +82,7 @@ def test_an_automatic_choice_that_does_not_fit_is_skipped_with_a_warning(caplog)
     def check(kind, name):
         return "no <|python_tag|> token" if name == "llama3_json" else None
 
-    with caplog.at_level(logging.WARNING, logger="backend.parsing"):
+    with caplog.at_level(logging.WARNING, logger="backend.parser_choice"):
         assert _choose(None, None, check) == (None, None)
     assert "llama3_json" in caplog.text and "no <|python_tag|> token" in caplog.text
     assert _choose(None, None, lambda kind, name: None) == ("llama3_json", None)
@@ -102,7 +102,7 @@ def test_an_explicit_parser_that_does_not_fit_fails():
 
 
 def test_an_automatic_choice_this_vllm_lacks_is_skipped(caplog):
-    with caplog.at_level(logging.WARNING, logger="backend.parsing"):
+    with caplog.at_level(logging.WARNING, logger="backend.parser_choice"):
         got = choose_parsers(
             None,
             None,
@@ -150,7 +150,7 @@ def tokenizers(tiny_model_dir, tmp_path_factory):
     ],
 )
 def test_vllm_parsers_are_checked_against_the_tokenizer(tokenizers, tokenizer, kind, name, fits):
-    from backend.engine import parser_check
+    from backend.parser_choice import parser_check
 
     problem = parser_check(tokenizers[tokenizer])(kind, name)
     assert (problem is None) == fits, problem
@@ -159,7 +159,7 @@ def test_vllm_parsers_are_checked_against_the_tokenizer(tokenizers, tokenizer, k
 
 
 def test_an_automatic_choice_needs_its_marker_tokens(tokenizers, caplog):
-    from backend.engine import known_parsers, parser_check
+    from backend.parser_choice import known_parsers, parser_check
 
     known_tool, known_reasoning = known_parsers()
 
@@ -177,7 +177,7 @@ def test_an_automatic_choice_needs_its_marker_tokens(tokenizers, caplog):
         )
 
     assert choose(tokenizers["tiny"]) == ("hermes", "qwen3")
-    with caplog.at_level(logging.WARNING, logger="backend.parsing"):
+    with caplog.at_level(logging.WARNING, logger="backend.parser_choice"):
         assert choose(tokenizers["bare"]) == (None, None)
     assert "no <tool_call> / </tool_call> token" in caplog.text
     assert "no <think> / </think> token" in caplog.text
@@ -188,10 +188,10 @@ def test_an_automatic_choice_needs_its_marker_tokens(tokenizers, caplog):
 def test_smollm2_like_model_loads_without_llama3_json(tokenizers, caplog):
     """The issue's case: a Llama-architecture model whose name says Llama 3 but
     whose tokenizer lacks <|python_tag|> gets no tool parser, and a warning."""
-    from backend.engine import known_parsers, parser_check
+    from backend.parser_choice import known_parsers, parser_check
 
     known_tool, known_reasoning = known_parsers()
-    with caplog.at_level(logging.WARNING, logger="backend.parsing"):
+    with caplog.at_level(logging.WARNING, logger="backend.parser_choice"):
         got = choose_parsers(
             None,
             None,

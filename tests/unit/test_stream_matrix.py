@@ -8,9 +8,9 @@ skip_special_tokens) and as plain text, with the think block opened in the
 prompt and not, cut into engine deltas of 1, 2, 3, 5, 8 tokens and whole:
 the concatenated streamed reasoning, content and each call's name and
 arguments equal the unary result, and no marker text leaks into streamed
-content or reasoning. Cells where vLLM's own streaming path disagrees with
-its whole-text path are listed in KNOWN_VLLM_DISAGREEMENTS (checked too: the
-worker's rule must be what makes them equal).
+content or reasoning. There is no list of exempt cells: vLLM's own streaming
+path disagrees with its whole-text path on several of these formats, and the
+worker's rule (`OutputState`) is what makes every cell equal.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pytest
 import vllm  # noqa: F401  (explicit: the matrix runs vLLM's real parsers)
 
 from backend.parsing import OutputState
+from tests.stream_driver import Streamed, added_markers, parser_class, stream
 from tests.tokenizer_variants import tokenizer_variant
 
 # DeepSeek's markers use FULLWIDTH VERTICAL LINE and LOWER ONE EIGHTH BLOCK.
@@ -147,14 +148,8 @@ def tokenizers(tiny_model_dir, tmp_path_factory):
 
 def _run(tokenizer, tool, reasoning, text, size, prompt_opens_think):
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.parser import ParserManager
 
-    cls = ParserManager.get_parser(
-        tool_parser_name=tool,
-        reasoning_parser_name=reasoning,
-        enable_auto_tools=True,
-        tokenizer=tokenizer,
-    )
+    cls = parser_class(tokenizer, tool, reasoning)
     req = ChatCompletionRequest.model_validate(
         {"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER], "stream": True}
     )
@@ -165,50 +160,28 @@ def _run(tokenizer, tool, reasoning, text, size, prompt_opens_think):
     parser = new()
     req = parser.adjust_request(req)
     skip = req.skip_special_tokens
-    markers = {i: t for t, i in tokenizer.get_added_vocab().items()}
-    state = OutputState(parser, req, markers=markers, whole_parser=new())
+    state = OutputState(parser, req, markers=added_markers(tokenizer), whole_parser=new())
     prompt = "<|im_start|>assistant\n" + ("<think>\n" if prompt_opens_think else "")
     state.prompt_token_ids = tokenizer.encode(prompt, add_special_tokens=False)
     ids = tokenizer.encode(text, add_special_tokens=False)
-    size = size or len(ids)
-    reasoning_out = content = sent = ""
-    calls: dict[int, dict] = {}
-    for start in range(0, len(ids), size):
-        end = start + size
-        finished = end >= len(ids)
-        decoded = tokenizer.decode(ids[:end], skip_special_tokens=skip)
-        # Like vLLM's detokenizer: a character split across tokens waits.
-        if decoded.endswith("\ufffd") and not finished:
-            delta = ""
-        else:
-            delta, sent = decoded[len(sent) :], decoded
-        piece = state.feed(delta, ids[start:end], finished=finished)
-        reasoning_out += piece.reasoning
-        content += piece.content
-        for call in piece.tool_calls:
-            entry = calls.setdefault(call.index, {"name": "", "arguments": "", "names": 0})
-            if call.name:
-                entry["name"] = call.name
-                entry["names"] += 1
-            entry["arguments"] += call.arguments
-    streamed = (reasoning_out, content, [calls[i] for i in sorted(calls)])
+    streamed = stream(state, tokenizer, ids, size, skip_special_tokens=skip)
     unary = OutputState(new(), req).parse_whole(
         tokenizer.decode(ids, skip_special_tokens=skip), ids
     )
     return streamed, unary
 
 
-def _mismatch(streamed, unary) -> str | None:
-    reasoning, content, calls = streamed
+def _mismatch(streamed: Streamed, unary) -> str | None:
+    reasoning, content, calls = streamed.reasoning, streamed.content, streamed.calls
     if reasoning != unary.reasoning:
         return f"reasoning {reasoning!r} != {unary.reasoning!r}"
     if content != unary.content:
         return f"content {content!r} != {unary.content!r}"
-    got = [(c["name"], c["arguments"]) for c in calls]
+    got = [(c.name, c.arguments) for c in calls]
     want = [(c.name, c.arguments) for c in unary.tool_calls]
     if got != want:
         return f"calls {got!r} != {want!r}"
-    if any(c["names"] != 1 for c in calls):
+    if any(c.names_sent != 1 for c in calls):
         return "a call's name was sent more than once"
     for marker in LEAKS:
         if marker in reasoning + content and marker not in unary.reasoning + unary.content:
@@ -219,16 +192,9 @@ def _mismatch(streamed, unary) -> str | None:
 @pytest.mark.parametrize("tokenizer_kind", ["added tokens", "special tokens", "plain text"])
 @pytest.mark.parametrize(("tool", "reasoning"), PARSERS, ids=lambda p: str(p))
 def test_streamed_equals_unary(tokenizers, tool, reasoning, tokenizer_kind):
-    from vllm.parser import ParserManager
-
     tokenizer = tokenizers[tokenizer_kind]
     try:
-        ParserManager.get_parser(
-            tool_parser_name=tool,
-            reasoning_parser_name=reasoning,
-            enable_auto_tools=True,
-            tokenizer=tokenizer,
-        )
+        parser_class(tokenizer, tool, reasoning)
     except TypeError as e:
         # vLLM refuses this tokenizer (markers missing): LoadModel would too.
         assert "cannot be used with the tokenizer" in str(e)

@@ -1,7 +1,8 @@
 """OutputState over vLLM's real parsers (no engine): streamed == non-streamed.
 
 Engine deltas are simulated by cutting the token ids into chunks of 1, 2, 3, 5
-and 8 tokens and decoding the text each chunk adds, as vLLM's detokenizer does.
+and 8 tokens and decoding the text each chunk adds, as vLLM's detokenizer does
+(`tests/stream_driver.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 import vllm  # noqa: F401  (explicit: these tests use vLLM's real parsers)
 
 from backend.parsing import OutputState
+from tests.stream_driver import added_markers, parser_class, stream
 
 WEATHER = {
     "type": "function",
@@ -58,47 +60,11 @@ def request_():
     )
 
 
-def _parser_cls(tokenizer, tool, reasoning):
-    from vllm.parser import ParserManager
-
-    return ParserManager.get_parser(
-        tool_parser_name=tool,
-        reasoning_parser_name=reasoning,
-        enable_auto_tools=True,
-        tokenizer=tokenizer,
-    )
-
-
 def _stream(cls, tokenizer, req, text, size):
-    markers = {i: t for t, i in tokenizer.get_added_vocab().items()}
-    state = OutputState(
-        cls(tokenizer, req.tools, chat_template_kwargs={}, model_config=None), req, markers=markers
-    )
+    parser = cls(tokenizer, req.tools, chat_template_kwargs={}, model_config=None)
+    state = OutputState(parser, req, markers=added_markers(tokenizer))
     state.prompt_token_ids = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    reasoning = content = ""
-    calls: dict[int, dict] = {}
-    sent = ""
-    for start in range(0, len(ids), size):
-        end = start + size
-        finished = end >= len(ids)
-        decoded = tokenizer.decode(ids[:end])
-        # Like vLLM's incremental detokenizer: a character split across
-        # tokens is held back until it is complete.
-        if decoded.endswith("\ufffd") and not finished:
-            delta_text = ""
-        else:
-            delta_text, sent = decoded[len(sent) :], decoded
-        piece = state.feed(delta_text, ids[start:end], finished=finished)
-        reasoning += piece.reasoning
-        content += piece.content
-        for call in piece.tool_calls:
-            entry = calls.setdefault(call.index, {"name": "", "names_sent": 0, "arguments": ""})
-            if call.name:
-                entry["name"] = call.name
-                entry["names_sent"] += 1
-            entry["arguments"] += call.arguments
-    return reasoning, content, calls
+    return stream(state, tokenizer, tokenizer.encode(text, add_special_tokens=False), size)
 
 
 def _whole(cls, tokenizer, req, text):
@@ -113,21 +79,21 @@ def _whole(cls, tokenizer, req, text):
 def test_streamed_pieces_concatenate_to_the_whole_text_result(
     tokenizer, request_, parsers, name, size
 ):
-    cls = _parser_cls(tokenizer, *parsers)
+    cls = parser_class(tokenizer, *parsers)
     text = TEXTS[name]
     whole = _whole(cls, tokenizer, request_, text)
-    reasoning, content, calls = _stream(cls, tokenizer, request_, text, size)
-    assert reasoning == whole.reasoning
-    assert content == whole.content
-    assert [c["name"] for _, c in sorted(calls.items())] == [c.name for c in whole.tool_calls]
-    assert all(c["names_sent"] == 1 for c in calls.values()), "a call's name is sent once"
-    assert [json.loads(c["arguments"]) for _, c in sorted(calls.items())] == [
+    streamed = _stream(cls, tokenizer, request_, text, size)
+    assert streamed.reasoning == whole.reasoning
+    assert streamed.content == whole.content
+    assert [c.name for c in streamed.calls] == [c.name for c in whole.tool_calls]
+    assert all(c.names_sent == 1 for c in streamed.calls), "a call's name is sent once"
+    assert [json.loads(c.arguments) for c in streamed.calls] == [
         json.loads(c.arguments) for c in whole.tool_calls
     ]
 
 
 def test_known_results_of_the_forced_texts(tokenizer, request_):
-    cls = _parser_cls(tokenizer, "hermes", "qwen3")
+    cls = parser_class(tokenizer, "hermes", "qwen3")
     piece = _whole(cls, tokenizer, request_, TEXTS["two parallel calls"])
     assert piece.reasoning == "\nboth\n" and piece.content == ""
     assert [(c.index, c.name, json.loads(c.arguments)) for c in piece.tool_calls] == [
@@ -173,8 +139,8 @@ def test_a_stream_that_diverged_from_the_whole_text_parse_is_logged(caplog):
 
 
 def test_tool_calls_are_sent_whole_with_the_last_piece(tokenizer, request_):
-    cls = _parser_cls(tokenizer, "hermes", "qwen3")
-    markers = {i: t for t, i in tokenizer.get_added_vocab().items()}
+    cls = parser_class(tokenizer, "hermes", "qwen3")
+    markers = added_markers(tokenizer)
     new = lambda: cls(tokenizer, request_.tools, chat_template_kwargs={}, model_config=None)  # noqa: E731
     state = OutputState(new(), request_, markers=markers, whole_parser=new())
     text = TEXTS["reasoning, text, call"]

@@ -19,7 +19,7 @@ class PluginParser(Hermes2ProToolParser):
 
 
 def test_a_plugin_file_registers_its_parser(tmp_path):
-    from backend.engine import import_tool_parser_plugin, known_parsers
+    from backend.parser_choice import import_tool_parser_plugin, known_parsers
 
     path = tmp_path / "unit_plugin_parser.py"
     path.write_text(PLUGIN.format(name="unit_plugin_parser"))
@@ -29,7 +29,7 @@ def test_a_plugin_file_registers_its_parser(tmp_path):
 
 
 def test_a_missing_or_broken_plugin_is_rejected(tmp_path):
-    from backend.engine import import_tool_parser_plugin
+    from backend.parser_choice import import_tool_parser_plugin
 
     with pytest.raises(InvalidArgument, match="no such file"):
         import_tool_parser_plugin(str(tmp_path / "absent.py"))
