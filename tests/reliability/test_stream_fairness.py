@@ -161,10 +161,10 @@ def test_the_second_of_two_simultaneous_streams_starts_with_the_first(worker):
 
 def test_a_stream_whose_replies_back_up_does_not_hold_a_later_request(worker):
     """Head-of-line blocking, created deterministically: stream a's replies
-    fill its 1 KiB stream window (the whole reply is ~20 KiB) and stay unread (no WINDOW_UPDATE), so a
-    provably cannot finish; b, sent on the same connection (whose own window
-    is open), must reach the engine and deliver its first reply all the same.
-    Then both are read to the end, whole."""
+    fill its 1 KiB stream window (the whole reply is ~10 KiB) and stay unread
+    (no WINDOW_UPDATE), so a provably cannot finish; b, sent on the same
+    connection (whose own window is open), must reach the engine and deliver
+    its first reply all the same. Then both are read to the end, whole."""
     since = worker.log_path.stat().st_size
     client = H2Client(worker.addr, INITIAL_WINDOW_SIZE=WINDOW)
     try:
