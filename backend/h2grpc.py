@@ -253,8 +253,8 @@ class _Stream:
         "headers_sent",
         "id",
         "method",
+        "need",
         "pending",
-        "recv_unacked",
         "recv_window",
         "remote_closed",
         "send_window",
@@ -281,8 +281,10 @@ class _Stream:
         # shutdown); None: cancelled because the peer went away.
         self.cancel_status: tuple[int, str] | None = None
         self.method: Method | None = None
-        self.recv_unacked = 0
         self.recv_window = RECV_WINDOW  # what the peer may still send (our SETTINGS)
+        # Request bytes still to come once the message's prefix has told its
+        # size (None before): reserved in the connection window, see _admit.
+        self.need: int | None = None
         self.after = b""  # trailers waiting for `pending` to leave
 
 
@@ -301,7 +303,6 @@ class _Connection(asyncio.Protocol):
         self.send_window = DEFAULT_WINDOW
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = 16_384
-        self.recv_unacked = 0
         self.header_stream = 0  # stream id whose header block is being continued
         self.header_block = bytearray()
         self.header_flags = 0
@@ -319,7 +320,9 @@ class _Connection(asyncio.Protocol):
         self.abuse = 0
         self.abuse_since = time.monotonic()
         self.recv_window = RECV_WINDOW  # the connection window the peer has left
+        self.returned = 0  # window due back to the peer, sent in batches (_give_back)
         self.buffered = 0  # request bytes held in stream bodies
+        self.owed = 0  # sum of the open streams' `need`
         self.gone: dict[int, int] = {}  # see GONE_REMEMBERED; -1: the peer had ended it
 
     # ---- asyncio.Protocol ----------------------------------------------------
@@ -669,22 +672,18 @@ class _Connection(asyncio.Protocol):
     def _on_data(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0:
             raise ConnectionError_(PROTOCOL_ERROR, "DATA on stream 0")
-        size = len(payload)
+        size = len(payload)  # flow-controlled: padding counts
         if flags & PADDED:
             if not payload or payload[0] >= size:
                 raise ConnectionError_(PROTOCOL_ERROR, "bad DATA padding")
             payload = payload[1 : size - payload[0]]
-        # Inbound flow control (RFC 9113 §6.9). The connection window goes back
-        # as bytes arrive: what is kept is bounded below, per stream (one
-        # message) and per connection (server.max_buffered), the rest dropped.
+        # Inbound flow control (RFC 9113 §6.9): window goes back for bytes we
+        # do not keep at once, for bytes we keep when their message goes to
+        # its handler (_remote_end), so what a peer can make us hold is what
+        # we granted (see _admit).
         self.recv_window -= size
         if self.recv_window < 0:
             raise ConnectionError_(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
-        self.recv_unacked += size
-        if self.recv_unacked >= RECV_WINDOW // 2:
-            self._write(_frame(WINDOW_UPDATE, 0, 0, self.recv_unacked.to_bytes(4, "big")))
-            self.recv_window += self.recv_unacked
-            self.recv_unacked = 0
         stream = self.streams.get(stream_id)
         if stream is None or stream.done:
             if stream_id > self.last_stream_id:
@@ -698,46 +697,86 @@ class _Connection(asyncio.Protocol):
                         FLOW_CONTROL_ERROR, "DATA beyond a closed stream's window"
                     )
                 self.gone[stream_id] = left - size
+            self._give_back(size)
             return
         if stream.remote_closed:  # half-closed (remote): RFC 9113 §5.1
+            self._give_back(size)
             self._reset(stream, STREAM_CLOSED)
             return
         stream.recv_window -= size
         if stream.recv_window < 0:
+            self._give_back(size)
             self._reset(stream, FLOW_CONTROL_ERROR)
             return
+        self._give_back(size - len(payload))  # the padding
         body = stream.body
         body += payload
         self.buffered += len(payload)
-        limit = self.server.max_message_bytes
-        complete = False
-        if len(body) >= 5:
-            declared = int.from_bytes(body[1:5], "big")
-            if declared > limit:
-                self._finish(
-                    stream, 8, f"Received message larger than max ({declared} vs. {limit})"
-                )
-                return
-            if len(body) > 5 + declared:  # a unary call carries one message
+        if stream.need is not None:
+            stream.need -= len(payload)
+            self.owed -= len(payload)
+            if stream.need < 0:  # a unary call carries one message
                 self._finish(stream, 13, "the request must be exactly one message")
                 return
-            complete = len(body) == 5 + declared
-        if self.buffered > self.server.max_buffered:
-            self._finish(stream, 8, "too many request bytes waiting on this connection")
+        elif len(body) >= 5 and not self._admit(stream):
             return
         if flags & END_STREAM:
             self._remote_end(stream)
-        elif not complete:  # window for the rest of the message only
-            stream.recv_unacked += size
-            if stream.recv_unacked >= RECV_WINDOW // 2:
-                unacked = stream.recv_unacked
-                self._write(_frame(WINDOW_UPDATE, 0, stream_id, unacked.to_bytes(4, "big")))
-                stream.recv_window += unacked
-                stream.recv_unacked = 0
+
+    def _admit(self, stream: _Stream) -> bool:
+        """The message's prefix has arrived: reserve window for the rest of it,
+        or end the stream (too large, or the connection holds too much).
+
+        Every admitted message must be able to complete whatever order the
+        peer sends its streams' frames in (grpc clients interleave them in
+        16 KiB frames): otherwise half-received messages could use up the
+        connection window and wait for each other forever. So the connection
+        window is kept at least the sum of what admitted messages still need
+        (`owed`), and a message is admitted only while what is held plus what
+        is owed stays within server.max_buffered: the bound on what one
+        connection can make us hold, enforced by flow control itself."""
+        body = stream.body
+        declared = int.from_bytes(body[1:5], "big")
+        limit = self.server.max_message_bytes
+        if declared > limit:
+            self._finish(stream, 8, f"Received message larger than max ({declared} vs. {limit})")
+            return False
+        need = 5 + declared - len(body)
+        if need < 0:
+            self._finish(stream, 13, "the request must be exactly one message")
+            return False
+        if self.buffered + self.owed + need > self.server.max_buffered:
+            self._finish(stream, 8, "too many request bytes waiting on this connection")
+            return False
+        stream.need = need
+        self.owed += need
+        if need > stream.recv_window:  # a message larger than the initial window
+            grant = need - stream.recv_window
+            self._write(_frame(WINDOW_UPDATE, 0, stream.id, grant.to_bytes(4, "big")))
+            stream.recv_window = need
+        self._give_back(0)
+        return True
+
+    def _give_back(self, size: int) -> None:
+        """`size` bytes of connection window are due back to the peer (bytes not
+        kept, or handed to a handler); sent in batches of half the window, or
+        at once when the window no longer covers what admitted messages need."""
+        self.returned += size
+        short = self.owed - self.recv_window - self.returned
+        if short > 0:
+            self.returned += short
+        if short > 0 or self.returned >= RECV_WINDOW // 2:
+            self._write(_frame(WINDOW_UPDATE, 0, 0, self.returned.to_bytes(4, "big")))
+            self.recv_window += self.returned
+            self.returned = 0
 
     def _forget(self, stream: _Stream) -> None:
         """The stream ended: free its body, remember what the peer may still send."""
         self.buffered -= len(stream.body)
+        if stream.need is not None:
+            self.owed -= stream.need
+            stream.need = 0
+        self._give_back(len(stream.body))
         stream.body = bytearray()
         gone = self.gone
         gone[stream.id] = -1 if stream.remote_closed else max(0, stream.recv_window)
@@ -762,6 +801,7 @@ class _Connection(asyncio.Protocol):
             return
         raw = bytes(body[5:])
         self.buffered -= len(body)
+        self._give_back(len(body))  # the message is the handler's now
         stream.body = bytearray()
         try:
             if compressed:

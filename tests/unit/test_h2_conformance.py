@@ -12,6 +12,7 @@ flow control that follows the client's window and SETTINGS changes, resets.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Iterator
 
@@ -19,6 +20,7 @@ import h2.errors as h2_errors
 import h2.settings as h2_settings
 import pytest
 
+from backend import h2grpc
 from backend.gen import backend_pb2 as pb
 from tests.h2client import H2Client, Stream
 from tests.h2server import Running
@@ -161,3 +163,128 @@ def test_stop_sends_goaway_with_no_error(server: Running, client: H2Client) -> N
     assert client.pump(lambda: client.terminated is not None)
     assert client.terminated.error_code == h2_errors.ErrorCodes.NO_ERROR
     assert client.terminated.last_stream_id == sid
+
+
+# ---- what the server grants a client that sends ------------------------------
+
+
+def _granted(client: H2Client) -> int:
+    """The connection window the server has granted and the client not used."""
+    return int(client.conn.outbound_flow_control_window)
+
+
+def _open(client: H2Client, method: str) -> int:
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(
+        sid,
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", f"/backend.Backend/{method}"),
+            (":authority", "localhost"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ],
+    )
+    client.streams[sid] = Stream()
+    return sid
+
+
+def _framed(request: pb.PredictOptions) -> bytes:
+    data = request.SerializeToString()
+    return struct.pack(">BI", 0, len(data)) + data
+
+
+def _send(client: H2Client, sid: int, data: bytes) -> None:
+    step = client.conn.max_outbound_frame_size
+    for at in range(0, len(data), step):
+        client.conn.send_data(sid, data[at : at + step])
+    client.flush()
+
+
+def _ready(client: H2Client) -> None:
+    """Read the server's SETTINGS and its connection WINDOW_UPDATE."""
+    assert client.pump(lambda: _granted(client) == h2grpc.RECV_WINDOW)
+
+
+def test_window_for_a_request_comes_back_when_its_handler_gets_it(client: H2Client) -> None:
+    """Complete messages whose stream has not ended cannot start a handler: the
+    server must keep their window (a peer then cannot make it hold more than it
+    granted). Ending the streams hands them over, and the window comes back."""
+    _ready(client)
+    message = _framed(pb.PredictOptions(Prompt="m" * 1_000_000))
+    sids = []
+    while _granted(client) >= len(message):
+        sids.append(_open(client, "Predict"))
+        _send(client, sids[-1], message)
+    assert len(sids) == h2grpc.RECV_WINDOW // len(message)
+    left = _granted(client)
+    client.idle(0.5)
+    assert _granted(client) == left, "window came back for requests no handler has"
+    for sid in sids:
+        client.conn.end_stream(sid)
+    client.flush()
+    assert client.pump(lambda: all(client.streams[s].ended for s in sids))
+    for sid in sids:
+        assert client.streams[sid].status() == (0, "")
+        assert len(pb.Reply.FromString(client.streams[sid].messages()[0]).message) == 1_000_000
+    # Given back in batches of at least half the window.
+    assert _granted(client) > h2grpc.RECV_WINDOW // 2 > left
+
+
+def test_interleaved_requests_larger_than_the_window_all_complete(client: H2Client) -> None:
+    """Six 1.5 MB requests sent together, round-robin in 16 KiB frames as grpc
+    clients send them: 9 MB on a 4 MiB connection window. Each admitted message
+    keeps the window it still needs, so none waits for window the others hold."""
+    _ready(client)
+    sids = [_open(client, "Predict") for _ in range(6)]
+    left = {sid: _framed(pb.PredictOptions(Prompt=f"{sid}" * 1_500_000)) for sid in sids}
+
+    def room(sid: int) -> int:
+        return min(client.conn.local_flow_control_window(sid), client.conn.max_outbound_frame_size)
+
+    while any(left.values()):
+        sent = False
+        for sid in sids:
+            n = min(room(sid), len(left[sid]))
+            if n <= 0:
+                continue
+            client.conn.send_data(sid, left[sid][:n], end_stream=n == len(left[sid]))
+            left[sid] = left[sid][n:]
+            sent = True
+        client.flush()
+        if not sent:
+            waiting = [s for s in sids if left[s]]
+            assert client.pump(lambda w=waiting: any(room(s) > 0 for s in w), timeout=5), (
+                f"no window for {len(waiting)} unfinished requests: they wait for each other"
+            )
+    assert client.pump(lambda: all(client.streams[s].ended for s in sids), timeout=30)
+    for sid in sids:
+        (reply,) = client.streams[sid].messages()
+        assert pb.Reply.FromString(reply).message == f"{sid}".encode() * 1_500_000
+
+
+def test_a_connection_holds_no_more_than_its_bound_of_unfinished_requests(
+    server: Running, client: H2Client
+) -> None:
+    """Requests that never end, each declaring the largest allowed message:
+    beyond server.max_buffered (held + still owed) new ones are refused with
+    RESOURCE_EXHAUSTED at their first DATA, and the connection still serves."""
+    _ready(client)
+    limit = server.server.max_message_bytes
+    prefix = struct.pack(">BI", 0, limit // 3)
+    sids = [_open(client, "Predict") for _ in range(6)]
+    for sid in sids:
+        client.conn.send_data(sid, prefix)
+    client.flush()
+    refused = lambda: [s for s in sids if client.streams[s].ended]  # noqa: E731
+    assert client.pump(lambda: len(refused()) >= 1)
+    client.idle(0.3)
+    admitted = len(sids) - len(refused())
+    assert admitted * (limit // 3 + 5) <= server.server.max_buffered
+    assert admitted >= 3
+    for sid in refused():
+        assert client.streams[sid].status()[0] == 8, client.streams[sid].status()
+    again = client.call("Predict", pb.PredictOptions(Prompt="still here"))
+    assert client.pump(lambda: client.streams[again].ended)
+    assert client.streams[again].status() == (0, "")
