@@ -91,6 +91,10 @@ ABUSE_WINDOW = 1.0
 # them: DATA in flight up to the window it had (beyond: FLOW_CONTROL_ERROR),
 # nothing after its own END_STREAM or RST_STREAM (STREAM_CLOSED).
 GONE_REMEMBERED = 1024
+# See _Connection._idle_check.
+IDLE_CLOSE_GRACE = 1.0
+# At most one warning per this many seconds about connections over the cap.
+REFUSAL_LOG_INTERVAL = 10.0
 
 _GRPC_PREFIX = struct.Struct(">BI")
 
@@ -317,6 +321,8 @@ class _Connection(asyncio.Protocol):
         self.ping_payloads: list[bytes] = []  # PINGs waiting for their ACK
         self.ping_timer: asyncio.TimerHandle | None = None
         self.preface_timer: asyncio.TimerHandle | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = time.monotonic()  # when the last stream ended
         self.abuse = 0
         self.abuse_since = time.monotonic()
         self.recv_window = RECV_WINDOW  # the connection window the peer has left
@@ -342,6 +348,10 @@ class _Connection(asyncio.Protocol):
                 self.peer = f"{family}:{peer[0]}:{peer[1]}"
         else:
             self.peer = f"unix:{peer or ''}"
+        server = self.server
+        if server.max_connections and len(server.connections) >= server.max_connections:
+            self._refuse()
+            return
         settings = struct.pack(
             ">HIHIHIHI",
             S_MAX_CONCURRENT_STREAMS, self.server.max_concurrent_streams,
@@ -353,11 +363,54 @@ class _Connection(asyncio.Protocol):
             _frame(SETTINGS, 0, 0, settings)
             + _frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", RECV_WINDOW - DEFAULT_WINDOW))
         )
-        self.server.connections.add(self)
+        server.connections.add(self)
         self._schedule_keepalive()
-        self.preface_timer = asyncio.get_running_loop().call_later(
-            self.server.handshake_timeout, self._preface_expired
-        )
+        loop = asyncio.get_running_loop()
+        self.preface_timer = loop.call_later(server.handshake_timeout, self._preface_expired)
+        if server.idle_timeout > 0:
+            self.idle_timer = loop.call_later(server.idle_timeout, self._idle_check)
+
+    def _refuse(self) -> None:
+        """Over the server's connection cap: close at once, saying why."""
+        server = self.server
+        server.refused_connections += 1
+        now = time.monotonic()
+        if now - server.refusal_logged >= REFUSAL_LOG_INTERVAL:
+            server.refusal_logged = now
+            log.warning(
+                "%d connections open (the cap): closing new ones (%d so far), latest from %s",
+                len(server.connections),
+                server.refused_connections,
+                self.peer,
+            )
+        goaway = struct.pack(">II", 0, ENHANCE_YOUR_CALM) + b"too many connections"
+        self._write(_frame(SETTINGS, 0, 0) + _frame(GOAWAY, 0, 0, goaway))
+        self.close()
+
+    def _drop(self, stream_id: int) -> _Stream | None:
+        stream = self.streams.pop(stream_id, None)
+        if not self.streams:
+            self.idle_since = time.monotonic()
+        return stream
+
+    def _idle_check(self) -> None:
+        """GOAWAY(NO_ERROR) to a connection without streams for idle_timeout
+        (grpc-go's MaxConnectionIdle), closed IDLE_CLOSE_GRACE later: a stream
+        the peer opens meanwhile is refused (REFUSED_STREAM, which gRPC clients
+        retry on a new connection), and the peer has time to read the GOAWAY
+        before the close."""
+        self.idle_timer = None
+        if self.closing:
+            return
+        loop = asyncio.get_running_loop()
+        timeout = self.server.idle_timeout
+        left = timeout - (time.monotonic() - self.idle_since)
+        if self.streams or left > 0:
+            self.idle_timer = loop.call_later(left if left > 0 else timeout, self._idle_check)
+            return
+        log.info("closing HTTP/2 connection from %s: idle for %.0f s", self.peer, timeout)
+        self.goaway()
+        self.idle_timer = loop.call_later(IDLE_CLOSE_GRACE, self.close)
 
     def _preface_expired(self) -> None:
         self.preface_timer = None
@@ -374,6 +427,8 @@ class _Connection(asyncio.Protocol):
             self.ping_timer.cancel()
         if self.preface_timer is not None:
             self.preface_timer.cancel()
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
         for stream in list(self.streams.values()):
             self._cancel(stream, None)
         self.streams.clear()
@@ -481,7 +536,7 @@ class _Connection(asyncio.Protocol):
                 raise ConnectionError_(PROTOCOL_ERROR, "bad RST_STREAM")
             if stream_id > self.last_stream_id:
                 raise ConnectionError_(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
-            stream = self.streams.pop(stream_id, None)
+            stream = self._drop(stream_id)
             self.blocked.pop(stream_id, None)
             if stream is not None:
                 self._cancel(stream, None)
@@ -952,7 +1007,7 @@ class _Connection(asyncio.Protocol):
             if stream.after:  # the status the handler already gave
                 self._write(stream.after)
                 stream.after = b""
-                self.streams.pop(stream.id, None)
+                self._drop(stream.id)
 
     def _finish(self, stream: _Stream, code: int, details: str) -> None:
         """Send the status (trailers, or trailers-only when nothing was sent)."""
@@ -984,7 +1039,7 @@ class _Connection(asyncio.Protocol):
             # The status follows the data still waiting for window.
             stream.after = data
         else:
-            self.streams.pop(stream.id, None)
+            self._drop(stream.id)
             self._write(data)
         if stream.task is not None and not stream.task.done() and stream.task is not _current():
             stream.task.cancel()
@@ -1051,6 +1106,8 @@ class Server:
         keepalive_time: float = 30.0,
         keepalive_timeout: float = 10.0,
         handshake_timeout: float = 10.0,
+        idle_timeout: float = 0.0,
+        max_connections: int = 0,
         auth_exempt: tuple[str, ...] = (),
     ) -> None:
         self.methods = methods
@@ -1064,6 +1121,10 @@ class Server:
         self.keepalive_time = keepalive_time
         self.keepalive_timeout = keepalive_timeout
         self.handshake_timeout = handshake_timeout  # for the client preface
+        self.idle_timeout = idle_timeout  # no open stream that long: GOAWAY, close (0: never)
+        self.max_connections = max_connections  # beyond: closed on arrival (0: no cap)
+        self.refused_connections = 0
+        self.refusal_logged = -REFUSAL_LOG_INTERVAL
         self.connections: set[_Connection] = set()
         self.listeners: list[asyncio.Server] = []
         self.stopping = False

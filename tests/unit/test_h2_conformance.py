@@ -288,3 +288,81 @@ def test_a_connection_holds_no_more_than_its_bound_of_unfinished_requests(
     again = client.call("Predict", pb.PredictOptions(Prompt="still here"))
     assert client.pump(lambda: client.streams[again].ended)
     assert client.streams[again].status() == (0, "")
+
+
+# ---- connections: idle bound and cap -------------------------------------------
+
+
+def _closed(client: H2Client, timeout: float) -> bool:
+    """Read (through hyper-h2) until the server closes the socket."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        client.sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = client.sock.recv(65536)
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+        if not data:
+            return True
+        for event in client.conn.receive_data(data):
+            client._handle(event)
+    return False
+
+
+def test_an_idle_connection_gets_goaway_no_error_then_is_closed() -> None:
+    """No stream open for idle_timeout: GOAWAY(NO_ERROR) naming the last stream
+    served, the close a moment later. A stream that runs longer than the bound
+    keeps the connection; the clock starts when it ends."""
+    running = Running(idle_timeout=0.4)
+    client = H2Client(running.addr)
+    try:
+        sid = client.call("PredictStream", pb.PredictOptions(Tokens=8, TopP=100))
+        assert client.pump(lambda: client.streams[sid].ended, timeout=10)
+        ended = time.monotonic()
+        assert client.streams[sid].status() == (0, "") and client.terminated is None
+        assert len(client.streams[sid].messages()) == 8
+        assert client.pump(lambda: client.terminated is not None, timeout=5)
+        waited = time.monotonic() - ended
+        assert 0.3 <= waited < 2.0, waited
+        assert client.terminated.error_code == h2_errors.ErrorCodes.NO_ERROR
+        assert client.terminated.last_stream_id == sid
+        assert _closed(client, 5)
+    finally:
+        client.close()
+        running.close()
+
+
+def test_connections_beyond_the_cap_are_closed_and_the_others_served() -> None:
+    running = Running(max_connections=3)
+    clients = [H2Client(running.addr) for _ in range(3)]
+    try:
+        for c in clients:
+            sid = c.call("Health", pb.HealthMessage())
+            assert c.pump(lambda c=c, sid=sid: c.streams[sid].ended)
+        extra = H2Client(running.addr)
+        try:
+            assert _closed(extra, 5), "the connection over the cap was kept"
+            assert extra.terminated is not None
+            assert extra.terminated.error_code == h2_errors.ErrorCodes.ENHANCE_YOUR_CALM
+            assert extra.terminated.additional_data == b"too many connections"
+        finally:
+            extra.close()
+        for c in clients:  # the first three are still served
+            sid = c.call("Predict", pb.PredictOptions(Prompt="ok"))
+            assert c.pump(lambda c=c, sid=sid: c.streams[sid].ended)
+            assert c.streams[sid].status() == (0, "")
+        clients.pop().close()  # a place frees up
+        deadline = time.monotonic() + 5
+        while len(running.server.connections) > 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        again = H2Client(running.addr)
+        clients.append(again)
+        sid = again.call("Health", pb.HealthMessage())
+        assert again.pump(lambda: again.streams[sid].ended)
+        assert again.streams[sid].status() == (0, "")
+    finally:
+        for c in clients:
+            c.close()
+        running.close()
