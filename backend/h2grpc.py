@@ -160,8 +160,10 @@ def parse_timeout(value: bytes) -> float | None:
     return int(digits) * _TIMEOUT_UNITS[unit]
 
 
-class AbortError(Exception):
-    """Raised by `context.abort`; ends the RPC with its status."""
+class AbortError(grpc.aio.AbortError):
+    """Raised by `context.abort`; ends the RPC with its status. A grpc.aio
+    AbortError, so handler code written for grpc.aio (servicer._unary lets
+    those through untouched) treats both transports' aborts alike."""
 
     def __init__(self, code: int, details: str) -> None:
         super().__init__(details)
