@@ -969,7 +969,6 @@ class _Connection(asyncio.Protocol):
             else:
                 self._write(head + self._data_frames(stream.id, payload))
         else:
-            self.server.flow_waits += 1
             if head:
                 self._write(head)
             stream.pending += payload
@@ -1131,7 +1130,6 @@ class Server:
         self.listeners: list[asyncio.Server] = []
         self.stopping = False
         self.tasks: dict[asyncio.Task[None], _Stream] = {}
-        self.flow_waits = 0  # messages that had to wait for the peer's window
 
     async def listen(self, addr: str) -> int:
         """Bind `host:port`, `[v6]:port` or `unix:/path`; returns the bound port (0 for unix)."""

@@ -290,6 +290,33 @@ def test_a_connection_holds_no_more_than_its_bound_of_unfinished_requests(
     assert client.streams[again].status() == (0, "")
 
 
+def test_the_server_stops_at_the_connection_window_and_resumes_on_window_update(
+    server: Running,
+) -> None:
+    """Three streams whose replies together exceed the client's 65 535-byte
+    connection window (its stream windows are 1 MB each): the server stops at
+    the connection window's edge, and the WINDOW_UPDATEs let the rest through."""
+    client = H2Client(server.addr, INITIAL_WINDOW_SIZE=1_000_000)
+    try:
+        client.auto_ack = False
+        sids = [
+            client.call("PredictStream", pb.PredictOptions(Tokens=10, Batch=20_000))
+            for _ in range(3)
+        ]
+        total = lambda: sum(len(client.streams[s].body) for s in sids)  # noqa: E731
+        assert client.pump(lambda: total() >= 60_000)
+        client.idle(0.5)
+        assert total() <= 65_535 and not any(client.streams[s].ended for s in sids)
+        client.read_on(*sids)
+        assert client.pump(lambda: all(client.streams[s].ended for s in sids), timeout=30)
+        for sid in sids:
+            assert [
+                len(pb.Reply.FromString(m).message) for m in client.streams[sid].messages()
+            ] == [20_000] * 10
+    finally:
+        client.close()
+
+
 # ---- connections: idle bound and cap -------------------------------------------
 
 

@@ -53,15 +53,16 @@ def test_large_messages_both_ways(stub: backend_pb2_grpc.BackendStub) -> None:
 
 
 def test_a_client_with_a_small_window_gets_everything(server: Running) -> None:
-    """The client grants 64 KiB and no BDP growth: the server must wait for
-    WINDOW_UPDATEs instead of overrunning it."""
+    """grpc's C-core client grants 64 KiB and no BDP growth: 2 MB of replies
+    arrive whole. (That the server really stops at a window's edge and resumes
+    on WINDOW_UPDATE is shown with hyper-h2, which raises on any overrun:
+    test_h2_conformance's stream and connection window tests.)"""
     options = (("grpc.http2.lookahead_bytes", 65_535), ("grpc.http2.bdp_probe", 0))
     with server.channel(*options) as channel:
         stub = backend_pb2_grpc.BackendStub(channel)
         request = pb.PredictOptions(Tokens=40, Batch=50_000)
         replies = list(stub.PredictStream(request, timeout=60))
     assert len(replies) == 40 and all(len(r.message) == 50_000 for r in replies)
-    assert server.server.flow_waits > 10  # the window really ran out, repeatedly
 
 
 def test_many_concurrent_streams_on_one_connection(stub: backend_pb2_grpc.BackendStub) -> None:
