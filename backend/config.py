@@ -43,7 +43,7 @@ class ServerConfig:
     # "asyncio". uvloop makes each streamed message cheaper (bench/README.md).
     event_loop: str = "uvloop"
     # "grpcio": grpc.aio (C core), the default; or "h2": our HTTP/2 gRPC
-    # server on the event loop (backend/h2grpc.py), an explicit opt-in while
+    # server on the event loop (backend/h2grpc/), an explicit opt-in while
     # it is not yet hardened against hostile peers (README, issue 11).
     transport: str = "grpcio"
     # HOST:PORT of the Prometheus endpoint (backend/metrics.py); None = off.

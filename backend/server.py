@@ -201,7 +201,7 @@ class GrpcioServer:
 
 
 class H2Server:
-    """backend/h2grpc.py: HTTP/2 on the event loop (opt-in: --transport h2)."""
+    """backend/h2grpc/: HTTP/2 on the event loop (opt-in: --transport h2)."""
 
     def __init__(self, config: ServerConfig, servicer: Any) -> None:
         from backend import h2grpc

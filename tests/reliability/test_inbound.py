@@ -23,7 +23,7 @@ Where the transports differ, each case accepts what a sound server may do and
 names it: C-core refuses streams under rapid reset (REFUSED_STREAM) where
 h2grpc sends GOAWAY(ENHANCE_YOUR_CALM), and absorbs SETTINGS, WINDOW_UPDATE
 and PRIORITY floods cheaply (the flooding connection must then still serve a
-call) where h2grpc counts them (backend/h2grpc.py ABUSE_LIMIT). XFAIL lists,
+call) where h2grpc counts them (backend/h2grpc/connection.py ABUSE_LIMIT). XFAIL lists,
 with the measured symptom, the RFC 9113 rules C-core does not enforce.
 """
 

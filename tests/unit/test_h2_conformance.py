@@ -1,4 +1,4 @@
-"""backend/h2grpc.py against an independent, strict HTTP/2 implementation.
+"""backend/h2grpc against an independent, strict HTTP/2 implementation.
 
 The rest of the suite talks to the server through grpc's C-core client, which
 is forgiving, and hand-written frames. Here the client is hyper-h2's state
@@ -20,8 +20,8 @@ import h2.errors as h2_errors
 import h2.settings as h2_settings
 import pytest
 
-from backend import h2grpc
 from backend.gen import backend_pb2 as pb
+from backend.h2grpc.inflow import RECV_WINDOW
 from tests.h2client import H2Client, Stream
 from tests.h2server import Running
 
@@ -204,7 +204,7 @@ def _send(client: H2Client, sid: int, data: bytes) -> None:
 
 def _ready(client: H2Client) -> None:
     """Read the server's SETTINGS and its connection WINDOW_UPDATE."""
-    assert client.pump(lambda: _granted(client) == h2grpc.RECV_WINDOW)
+    assert client.pump(lambda: _granted(client) == RECV_WINDOW)
 
 
 def test_window_for_a_request_comes_back_when_its_handler_gets_it(client: H2Client) -> None:
@@ -217,7 +217,7 @@ def test_window_for_a_request_comes_back_when_its_handler_gets_it(client: H2Clie
     while _granted(client) >= len(message):
         sids.append(_open(client, "Predict"))
         _send(client, sids[-1], message)
-    assert len(sids) == h2grpc.RECV_WINDOW // len(message)
+    assert len(sids) == RECV_WINDOW // len(message)
     left = _granted(client)
     client.idle(0.5)
     assert _granted(client) == left, "window came back for requests no handler has"
@@ -229,7 +229,7 @@ def test_window_for_a_request_comes_back_when_its_handler_gets_it(client: H2Clie
         assert client.streams[sid].status() == (0, "")
         assert len(pb.Reply.FromString(client.streams[sid].messages()[0]).message) == 1_000_000
     # Given back in batches of at least half the window.
-    assert _granted(client) > h2grpc.RECV_WINDOW // 2 > left
+    assert _granted(client) > RECV_WINDOW // 2 > left
 
 
 def test_interleaved_requests_larger_than_the_window_all_complete(client: H2Client) -> None:
