@@ -104,7 +104,9 @@ class Stream:
         "timer",
     )
 
-    def __init__(self, stream_id: int, conn: Connection, send_window: int, recv_window: int):
+    def __init__(
+        self, stream_id: int, conn: Connection, send_window: int, recv_window: int
+    ) -> None:
         self.id = stream_id
         self.conn = conn
         self.headers: list[tuple[bytes, bytes]] = []
