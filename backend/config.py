@@ -43,7 +43,7 @@ class ServerConfig:
     # "asyncio". uvloop makes each streamed message cheaper (bench/README.md).
     event_loop: str = "uvloop"
     # "grpcio": grpc.aio (C core), the default; or "h2": our HTTP/2 gRPC
-    # server on the event loop (backend/h2grpc.py), an explicit opt-in while
+    # server on the event loop (backend/h2grpc/), an explicit opt-in while
     # it is not yet hardened against hostile peers (README, issue 11).
     transport: str = "grpcio"
     # HOST:PORT of the Prometheus endpoint (backend/metrics.py); None = off.
@@ -52,6 +52,13 @@ class ServerConfig:
     # seconds or it is closed (grpc.aio: server_handshake_timeout_ms, whose
     # default is 120 s).
     handshake_timeout: float = 10.0
+    # A connection with no call open for this many seconds gets GOAWAY(NO_ERROR)
+    # and is closed (grpc-go's MaxConnectionIdle; grpc.aio:
+    # max_connection_idle_ms); 0 = never. Clients reconnect on their next call.
+    idle_connection_s: float = 300.0
+    # Connections served at once; more are closed as they arrive (grpc.aio:
+    # max_allowed_incoming_connections); 0 = no cap.
+    max_connections: int = 1024
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -154,6 +161,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> Se
         transport=args.transport,
         metrics_addr=metrics_addr,
         handshake_timeout=max(0.1, _number(env, "BACKEND_HANDSHAKE_TIMEOUT_S", 10.0)),
+        idle_connection_s=max(0.0, _number(env, "BACKEND_IDLE_CONNECTION_S", 300.0)),
+        max_connections=max(0, int(_number(env, "BACKEND_MAX_CONNECTIONS", 1024))),
     )
 
 

@@ -86,7 +86,7 @@ KEEPALIVE_TIMEOUT_S = 10
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
-    return [
+    options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
@@ -97,6 +97,11 @@ def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
         ("grpc.so_reuseport", 0),
         ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout * 1000)),
     ]
+    if config.idle_connection_s:
+        options.append(("grpc.max_connection_idle_ms", int(config.idle_connection_s * 1000)))
+    if config.max_connections:
+        options.append(("grpc.max_allowed_incoming_connections", config.max_connections))
+    return options
 
 
 async def _watch_parent(parent: int, interval: float, stop: asyncio.Event) -> None:
@@ -196,7 +201,7 @@ class GrpcioServer:
 
 
 class H2Server:
-    """backend/h2grpc.py: HTTP/2 on the event loop (opt-in: --transport h2)."""
+    """backend/h2grpc/: HTTP/2 on the event loop (opt-in: --transport h2)."""
 
     def __init__(self, config: ServerConfig, servicer: Any) -> None:
         from backend import h2grpc
@@ -217,6 +222,8 @@ class H2Server:
             keepalive_time=KEEPALIVE_TIME_S,
             keepalive_timeout=KEEPALIVE_TIMEOUT_S,
             handshake_timeout=config.handshake_timeout,
+            idle_timeout=config.idle_connection_s,
+            max_connections=config.max_connections,
             auth_exempt=AUTH_EXEMPT,
         )
         self.addr = config.addr

@@ -1,4 +1,4 @@
-"""A small servicer on the Backend service behind backend/h2grpc.py, on its
+"""A small servicer on the Backend service behind backend/h2grpc/, on its
 own event loop thread: the stand-in the transport's unit tests talk to (no engine)."""
 
 from __future__ import annotations

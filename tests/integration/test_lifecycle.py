@@ -28,7 +28,7 @@ def test_worker_serves_on_uvloop_and_grpcio_by_default(fresh):
 
 
 def test_h2_transport_still_serves(tiny_model_dir):
-    """`--transport h2` (backend/h2grpc.py) stays a working opt-in: load, unary,
+    """`--transport h2` (backend/h2grpc/) stays a working opt-in: load, unary,
     stream with usage, an error status, Free."""
     w = Worker(env={"BACKEND_TRANSPORT": "h2"})
     try:

@@ -23,15 +23,17 @@ Where the transports differ, each case accepts what a sound server may do and
 names it: C-core refuses streams under rapid reset (REFUSED_STREAM) where
 h2grpc sends GOAWAY(ENHANCE_YOUR_CALM), and absorbs SETTINGS, WINDOW_UPDATE
 and PRIORITY floods cheaply (the flooding connection must then still serve a
-call) where h2grpc counts them (backend/h2grpc.py ABUSE_LIMIT). XFAIL lists,
+call) where h2grpc counts them (backend/h2grpc/connection.py ABUSE_LIMIT). XFAIL lists,
 with the measured symptom, the RFC 9113 rules C-core does not enforce.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
+import socket
 import statistics
 import threading
 import time
@@ -158,9 +160,19 @@ class Box:
     prober: Prober
 
 
+# The worker's connection cap here (default 1024): above idle_connections' 400
+# and the two well-behaved clients, below what connection_flood opens.
+MAX_CONNECTIONS = 512
+
+
 def _start(transport: str) -> Box:
     # A 2 s handshake timeout (default 10 s), so idle_connections can see it act.
-    worker = Worker(env={"BACKEND_TRANSPORT": transport, "BACKEND_HANDSHAKE_TIMEOUT_S": "2"})
+    env = {
+        "BACKEND_TRANSPORT": transport,
+        "BACKEND_HANDSHAKE_TIMEOUT_S": "2",
+        "BACKEND_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+    }
+    worker = Worker(env=env)
     return Box(transport, worker, Prober(worker.addr))
 
 
@@ -450,6 +462,47 @@ def idle_connections(addr: str, deadline: float) -> str:
     return reaction
 
 
+def connection_flood(addr: str, deadline: float) -> str:
+    """Twice the connection cap, each sending a valid preface, all held open until
+    the deadline: those beyond the cap must be closed at once (the well-behaved
+    clients, connected before, keep being served: the prober checks it)."""
+    host, port = addr.rsplit(":", 1)
+    hello = p.PREFACE + p.frame(p.SETTINGS, 0, 0)
+    socks: list[socket.socket] = []
+    try:
+        while len(socks) < 2 * MAX_CONNECTIONS and time.monotonic() < deadline:
+            try:
+                sock = socket.create_connection((host, int(port)), timeout=2)
+            except OSError:
+                break  # not even accepted by the kernel: counted as closed below
+            socks.append(sock)
+            with contextlib.suppress(OSError):  # already closed: seen below
+                sock.sendall(hello)
+        time.sleep(max(0.0, min(1.0, deadline - time.monotonic())))
+        closed = 0
+        for sock in socks:
+            sock.setblocking(False)
+            try:
+                while sock.recv(65536):  # our SETTINGS (and GOAWAY) first
+                    pass
+                closed += 1  # end of stream: the server closed it
+            except BlockingIOError:
+                pass  # open: nothing more to read
+            except OSError:
+                closed += 1  # reset by the server
+        time.sleep(max(0.0, deadline - time.monotonic()))
+    finally:
+        for sock in socks:
+            sock.close()
+    opened = 2 * MAX_CONNECTIONS
+    kept = len(socks) - closed
+    reaction = f"{closed} of {len(socks)} closed at once, {kept} kept (cap {MAX_CONNECTIONS})"
+    assert kept <= MAX_CONNECTIONS and closed + (opened - len(socks)) >= opened - MAX_CONNECTIONS, (
+        reaction
+    )
+    return reaction
+
+
 def hpack_bomb(addr: str, deadline: float) -> str:
     """A 4 KiB header inserted once, then referenced 16000 times (64 MiB of
     decoded headers from a 16 KiB block), on new connections until the deadline."""
@@ -505,6 +558,7 @@ CASES = [
     Case("empty_padded_headers", empty_padded_headers),
     Case("idle_connections", idle_connections),
     Case("hpack_bomb", hpack_bomb),
+    Case("connection_flood", connection_flood),
 ]
 
 # (transport, case) -> measured reason: what the transport does not survive.

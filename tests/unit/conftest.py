@@ -1,4 +1,4 @@
-"""Fixtures shared by the unit tests of backend/h2grpc.py."""
+"""Fixtures shared by the unit tests of backend/h2grpc/."""
 
 from __future__ import annotations
 

@@ -39,6 +39,14 @@ def test_drain_and_grace_seconds():
     assert parse_config(["--drain-seconds", "-1"], env={}).drain_seconds == 0.0
 
 
+def test_connection_bounds():
+    config = parse_config([], env={})
+    assert (config.idle_connection_s, config.max_connections) == (300.0, 1024)
+    env = {"BACKEND_IDLE_CONNECTION_S": "0.5", "BACKEND_MAX_CONNECTIONS": "0"}
+    config = parse_config([], env=env)
+    assert (config.idle_connection_s, config.max_connections) == (0.5, 0)
+
+
 def test_cli_wins_over_environment():
     env = {"BACKEND_ADDR": "127.0.0.1:1", "BACKEND_MAX_CONCURRENT_REQUESTS": "3"}
     assert parse_config([], env=env).max_concurrent_requests == 3

@@ -1,4 +1,4 @@
-"""backend/h2grpc.py against an independent, strict HTTP/2 implementation.
+"""backend/h2grpc against an independent, strict HTTP/2 implementation.
 
 The rest of the suite talks to the server through grpc's C-core client, which
 is forgiving, and hand-written frames. Here the client is hyper-h2's state
@@ -12,6 +12,7 @@ flow control that follows the client's window and SETTINGS changes, resets.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Iterator
 
@@ -20,6 +21,7 @@ import h2.settings as h2_settings
 import pytest
 
 from backend.gen import backend_pb2 as pb
+from backend.h2grpc.inflow import RECV_WINDOW
 from tests.h2client import H2Client, Stream
 from tests.h2server import Running
 
@@ -161,3 +163,233 @@ def test_stop_sends_goaway_with_no_error(server: Running, client: H2Client) -> N
     assert client.pump(lambda: client.terminated is not None)
     assert client.terminated.error_code == h2_errors.ErrorCodes.NO_ERROR
     assert client.terminated.last_stream_id == sid
+
+
+# ---- what the server grants a client that sends ------------------------------
+
+
+def _granted(client: H2Client) -> int:
+    """The connection window the server has granted and the client not used."""
+    return int(client.conn.outbound_flow_control_window)
+
+
+def _open(client: H2Client, method: str) -> int:
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(
+        sid,
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", f"/backend.Backend/{method}"),
+            (":authority", "localhost"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ],
+    )
+    client.streams[sid] = Stream()
+    return sid
+
+
+def _framed(request: pb.PredictOptions) -> bytes:
+    data = request.SerializeToString()
+    return struct.pack(">BI", 0, len(data)) + data
+
+
+def _send(client: H2Client, sid: int, data: bytes) -> None:
+    step = client.conn.max_outbound_frame_size
+    for at in range(0, len(data), step):
+        client.conn.send_data(sid, data[at : at + step])
+    client.flush()
+
+
+def _ready(client: H2Client) -> None:
+    """Read the server's SETTINGS and its connection WINDOW_UPDATE."""
+    assert client.pump(lambda: _granted(client) == RECV_WINDOW)
+
+
+def test_window_for_a_request_comes_back_when_its_handler_gets_it(client: H2Client) -> None:
+    """Complete messages whose stream has not ended cannot start a handler: the
+    server must keep their window (a peer then cannot make it hold more than it
+    granted). Ending the streams hands them over, and the window comes back."""
+    _ready(client)
+    message = _framed(pb.PredictOptions(Prompt="m" * 1_000_000))
+    sids = []
+    while _granted(client) >= len(message):
+        sids.append(_open(client, "Predict"))
+        _send(client, sids[-1], message)
+    assert len(sids) == RECV_WINDOW // len(message)
+    left = _granted(client)
+    client.idle(0.5)
+    assert _granted(client) == left, "window came back for requests no handler has"
+    for sid in sids:
+        client.conn.end_stream(sid)
+    client.flush()
+    assert client.pump(lambda: all(client.streams[s].ended for s in sids))
+    for sid in sids:
+        assert client.streams[sid].status() == (0, "")
+        assert len(pb.Reply.FromString(client.streams[sid].messages()[0]).message) == 1_000_000
+    # Given back in batches of at least half the window.
+    assert _granted(client) > RECV_WINDOW // 2 > left
+
+
+def test_interleaved_requests_larger_than_the_window_all_complete(client: H2Client) -> None:
+    """Six 1.5 MB requests sent together, round-robin in 16 KiB frames as grpc
+    clients send them: 9 MB on a 4 MiB connection window. Each admitted message
+    keeps the window it still needs, so none waits for window the others hold."""
+    _ready(client)
+    sids = [_open(client, "Predict") for _ in range(6)]
+    left = {sid: _framed(pb.PredictOptions(Prompt=f"{sid}" * 1_500_000)) for sid in sids}
+
+    def room(sid: int) -> int:
+        return min(client.conn.local_flow_control_window(sid), client.conn.max_outbound_frame_size)
+
+    while any(left.values()):
+        sent = False
+        for sid in sids:
+            n = min(room(sid), len(left[sid]))
+            if n <= 0:
+                continue
+            client.conn.send_data(sid, left[sid][:n], end_stream=n == len(left[sid]))
+            left[sid] = left[sid][n:]
+            sent = True
+        client.flush()
+        if not sent:
+            waiting = [s for s in sids if left[s]]
+            assert client.pump(lambda w=waiting: any(room(s) > 0 for s in w), timeout=5), (
+                f"no window for {len(waiting)} unfinished requests: they wait for each other"
+            )
+    assert client.pump(lambda: all(client.streams[s].ended for s in sids), timeout=30)
+    for sid in sids:
+        (reply,) = client.streams[sid].messages()
+        assert pb.Reply.FromString(reply).message == f"{sid}".encode() * 1_500_000
+
+
+def test_a_connection_holds_no_more_than_its_bound_of_unfinished_requests(
+    server: Running, client: H2Client
+) -> None:
+    """Requests that never end, each declaring the largest allowed message:
+    beyond server.max_buffered (held + still owed) new ones are refused with
+    RESOURCE_EXHAUSTED at their first DATA, and the connection still serves."""
+    _ready(client)
+    limit = server.server.max_message_bytes
+    prefix = struct.pack(">BI", 0, limit // 3)
+    sids = [_open(client, "Predict") for _ in range(6)]
+    for sid in sids:
+        client.conn.send_data(sid, prefix)
+    client.flush()
+    refused = lambda: [s for s in sids if client.streams[s].ended]  # noqa: E731
+    assert client.pump(lambda: len(refused()) >= 1)
+    client.idle(0.3)
+    admitted = len(sids) - len(refused())
+    assert admitted * (limit // 3 + 5) <= server.server.max_buffered
+    assert admitted >= 3
+    for sid in refused():
+        assert client.streams[sid].status()[0] == 8, client.streams[sid].status()
+    again = client.call("Predict", pb.PredictOptions(Prompt="still here"))
+    assert client.pump(lambda: client.streams[again].ended)
+    assert client.streams[again].status() == (0, "")
+
+
+def test_the_server_stops_at_the_connection_window_and_resumes_on_window_update(
+    server: Running,
+) -> None:
+    """Three streams whose replies together exceed the client's 65 535-byte
+    connection window (its stream windows are 1 MB each): the server stops at
+    the connection window's edge, and the WINDOW_UPDATEs let the rest through."""
+    client = H2Client(server.addr, INITIAL_WINDOW_SIZE=1_000_000)
+    try:
+        client.auto_ack = False
+        sids = [
+            client.call("PredictStream", pb.PredictOptions(Tokens=10, Batch=20_000))
+            for _ in range(3)
+        ]
+        total = lambda: sum(len(client.streams[s].body) for s in sids)  # noqa: E731
+        assert client.pump(lambda: total() >= 60_000)
+        client.idle(0.5)
+        assert total() <= 65_535 and not any(client.streams[s].ended for s in sids)
+        client.read_on(*sids)
+        assert client.pump(lambda: all(client.streams[s].ended for s in sids), timeout=30)
+        for sid in sids:
+            assert [
+                len(pb.Reply.FromString(m).message) for m in client.streams[sid].messages()
+            ] == [20_000] * 10
+    finally:
+        client.close()
+
+
+# ---- connections: idle bound and cap -------------------------------------------
+
+
+def _closed(client: H2Client, timeout: float) -> bool:
+    """Read (through hyper-h2) until the server closes the socket."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        client.sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = client.sock.recv(65536)
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+        if not data:
+            return True
+        for event in client.conn.receive_data(data):
+            client._handle(event)
+    return False
+
+
+def test_an_idle_connection_gets_goaway_no_error_then_is_closed() -> None:
+    """No stream open for idle_timeout: GOAWAY(NO_ERROR) naming the last stream
+    served, the close a moment later. A stream that runs longer than the bound
+    keeps the connection; the clock starts when it ends."""
+    running = Running(idle_timeout=0.4)
+    client = H2Client(running.addr)
+    try:
+        sid = client.call("PredictStream", pb.PredictOptions(Tokens=8, TopP=100))
+        assert client.pump(lambda: client.streams[sid].ended, timeout=10)
+        ended = time.monotonic()
+        assert client.streams[sid].status() == (0, "") and client.terminated is None
+        assert len(client.streams[sid].messages()) == 8
+        assert client.pump(lambda: client.terminated is not None, timeout=5)
+        waited = time.monotonic() - ended
+        assert 0.3 <= waited < 2.0, waited
+        assert client.terminated.error_code == h2_errors.ErrorCodes.NO_ERROR
+        assert client.terminated.last_stream_id == sid
+        assert _closed(client, 5)
+    finally:
+        client.close()
+        running.close()
+
+
+def test_connections_beyond_the_cap_are_closed_and_the_others_served() -> None:
+    running = Running(max_connections=3)
+    clients = [H2Client(running.addr) for _ in range(3)]
+    try:
+        for c in clients:
+            sid = c.call("Health", pb.HealthMessage())
+            assert c.pump(lambda c=c, sid=sid: c.streams[sid].ended)
+        extra = H2Client(running.addr)
+        try:
+            assert _closed(extra, 5), "the connection over the cap was kept"
+            assert extra.terminated is not None
+            assert extra.terminated.error_code == h2_errors.ErrorCodes.ENHANCE_YOUR_CALM
+            assert extra.terminated.additional_data == b"too many connections"
+        finally:
+            extra.close()
+        for c in clients:  # the first three are still served
+            sid = c.call("Predict", pb.PredictOptions(Prompt="ok"))
+            assert c.pump(lambda c=c, sid=sid: c.streams[sid].ended)
+            assert c.streams[sid].status() == (0, "")
+        clients.pop().close()  # a place frees up
+        deadline = time.monotonic() + 5
+        while len(running.server.connections) > 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        again = H2Client(running.addr)
+        clients.append(again)
+        sid = again.call("Health", pb.HealthMessage())
+        assert again.pump(lambda: again.streams[sid].ended)
+        assert again.streams[sid].status() == (0, "")
+    finally:
+        for c in clients:
+            c.close()
+        running.close()

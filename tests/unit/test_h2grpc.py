@@ -1,4 +1,4 @@
-"""backend/h2grpc.py against real clients: grpc's C-core client (the one the
+"""backend/h2grpc against real clients: grpc's C-core client (the one the
 rest of the suite uses) and raw HTTP/2 frames for what a well-behaved client
 never sends. No engine: a small servicer on the Backend service stands in.
 """
@@ -16,9 +16,11 @@ import grpc
 import hpack
 import pytest
 
-from backend import h2grpc
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
+from backend.h2grpc import frames, liveness
+from backend.h2grpc.connection import Connection
+from backend.h2grpc.server import Server
 from tests.h2server import Running
 
 pytestmark = pytest.mark.timeout(120)
@@ -53,15 +55,16 @@ def test_large_messages_both_ways(stub: backend_pb2_grpc.BackendStub) -> None:
 
 
 def test_a_client_with_a_small_window_gets_everything(server: Running) -> None:
-    """The client grants 64 KiB and no BDP growth: the server must wait for
-    WINDOW_UPDATEs instead of overrunning it."""
+    """grpc's C-core client grants 64 KiB and no BDP growth: 2 MB of replies
+    arrive whole. (That the server really stops at a window's edge and resumes
+    on WINDOW_UPDATE is shown with hyper-h2, which raises on any overrun:
+    test_h2_conformance's stream and connection window tests.)"""
     options = (("grpc.http2.lookahead_bytes", 65_535), ("grpc.http2.bdp_probe", 0))
     with server.channel(*options) as channel:
         stub = backend_pb2_grpc.BackendStub(channel)
         request = pb.PredictOptions(Tokens=40, Batch=50_000)
         replies = list(stub.PredictStream(request, timeout=60))
     assert len(replies) == 40 and all(len(r.message) == 50_000 for r in replies)
-    assert server.server.flow_waits > 10  # the window really ran out, repeatedly
 
 
 def test_many_concurrent_streams_on_one_connection(stub: backend_pb2_grpc.BackendStub) -> None:
@@ -202,12 +205,12 @@ def test_a_vanished_connection_cancels_its_handlers(server: Running) -> None:
 
 def test_pings_are_answered_and_a_bad_preface_is_refused(server: Running) -> None:
     with RawClient(server.port) as raw:
-        raw.send(h2grpc.PING, 0, 0, b"12345678")
-        _kind, flags, _, payload = raw.read_frame(lambda f: f[0] == h2grpc.PING)
-        assert flags & h2grpc.ACK and payload == b"12345678"
-        raw.send(h2grpc.PING, 0, 0, b"second..")
-        raw.send(h2grpc.PING, 0, 0, b"third...")
-        acks = [raw.read_frame(lambda f: f[0] == h2grpc.PING)[3] for _ in range(2)]
+        raw.send(frames.PING, 0, 0, b"12345678")
+        _kind, flags, _, payload = raw.read_frame(lambda f: f[0] == frames.PING)
+        assert flags & frames.ACK and payload == b"12345678"
+        raw.send(frames.PING, 0, 0, b"second..")
+        raw.send(frames.PING, 0, 0, b"third...")
+        acks = [raw.read_frame(lambda f: f[0] == frames.PING)[3] for _ in range(2)]
         assert acks == [b"second..", b"third..."]
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -215,7 +218,7 @@ def test_pings_are_answered_and_a_bad_preface_is_refused(server: Running) -> Non
         while chunk := sock.recv(65536):
             data += chunk
         # Our SETTINGS, then GOAWAY(PROTOCOL_ERROR), then the close.
-        assert struct.pack(">B", h2grpc.GOAWAY) in data[:200] and b"preface" in data
+        assert struct.pack(">B", frames.GOAWAY) in data[:200] and b"preface" in data
 
 
 def test_stop_refuses_new_calls_and_cuts_running_ones_after_the_grace(server: Running) -> None:
@@ -266,7 +269,7 @@ def test_ping_acks_are_paced() -> None:
     a wake-up per streamed token)."""
     loop = asyncio.new_event_loop()
     try:
-        conn = h2grpc._Connection(h2grpc.Server({}))
+        conn = Connection(Server({}))
         transport = _Transport()
 
         async def scenario() -> list[list[bytes]]:
@@ -275,10 +278,10 @@ def test_ping_acks_are_paced() -> None:
             transport.written.clear()  # our SETTINGS
             seen = []
             for payload in (b"first...", b"second..", b"third..."):
-                conn._on_ping(payload)
+                conn.liveness.on_ping(payload)
                 await asyncio.sleep(0)
                 seen.append(list(transport.written))
-            await asyncio.sleep(h2grpc.PING_ACK_INTERVAL + 0.05)
+            await asyncio.sleep(liveness.PING_ACK_INTERVAL + 0.05)
             seen.append(list(transport.written))
             conn.connection_lost(None)
             return seen
@@ -286,7 +289,7 @@ def test_ping_acks_are_paced() -> None:
         seen = loop.run_until_complete(scenario())
     finally:
         loop.close()
-    ack = lambda p: h2grpc._frame(h2grpc.PING, h2grpc.ACK, 0, p)  # noqa: E731
+    ack = lambda p: frames.frame(frames.PING, frames.ACK, 0, p)  # noqa: E731
     assert seen[0] == [ack(b"first...")]
     assert seen[1] == seen[2] == [ack(b"first...")]
     assert seen[3] == [ack(b"first..."), ack(b"second..") + ack(b"third...")]
@@ -297,7 +300,7 @@ class RawClient:
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock.sendall(h2grpc.PREFACE + h2grpc._frame(h2grpc.SETTINGS, 0, 0))
+        self.sock.sendall(frames.PREFACE + frames.frame(frames.SETTINGS, 0, 0))
         self.buffer = b""
         self.encoder = hpack.Encoder()
         self.decoder = hpack.Decoder()
@@ -309,7 +312,7 @@ class RawClient:
         self.sock.close()
 
     def send(self, kind: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
-        self.sock.sendall(h2grpc._frame(kind, flags, stream_id, payload))
+        self.sock.sendall(frames.frame(kind, flags, stream_id, payload))
 
     def request(self, stream_id: int, path: str, message: Any, *extra: tuple[str, str]) -> None:
         headers = [
@@ -321,10 +324,10 @@ class RawClient:
             ("te", "trailers"),
             *extra,
         ]
-        self.send(h2grpc.HEADERS, h2grpc.END_HEADERS, stream_id, self.encoder.encode(headers))
+        self.send(frames.HEADERS, frames.END_HEADERS, stream_id, self.encoder.encode(headers))
         data = message.SerializeToString()
         body = struct.pack(">BI", 0, len(data)) + data
-        self.send(h2grpc.DATA, h2grpc.END_STREAM, stream_id, body)
+        self.send(frames.DATA, frames.END_STREAM, stream_id, body)
 
     def read_frame(self, want: Any = lambda f: True) -> tuple[int, int, int, bytes]:
         while True:
@@ -342,8 +345,8 @@ class RawClient:
                 self.buffer[9 : 9 + length],
             )
             self.buffer = self.buffer[9 + length :]
-            if frame[0] == h2grpc.SETTINGS and not frame[1] & h2grpc.ACK:
-                self.send(h2grpc.SETTINGS, h2grpc.ACK, 0)
+            if frame[0] == frames.SETTINGS and not frame[1] & frames.ACK:
+                self.send(frames.SETTINGS, frames.ACK, 0)
             if want(frame):
                 return frame
 
@@ -351,7 +354,7 @@ class RawClient:
         headers: list[tuple[str, str]] = []
         while True:
             kind, flags, _sid, payload = self.read_frame(lambda f: f[2] == stream_id)
-            if kind == h2grpc.HEADERS:
+            if kind == frames.HEADERS:
                 headers += [(str(k), str(v)) for k, v in self.decoder.decode(payload)]
-            if flags & h2grpc.END_STREAM or kind == h2grpc.RST_STREAM:
+            if flags & frames.END_STREAM or kind == frames.RST_STREAM:
                 return headers

@@ -81,6 +81,18 @@ def test_install_import_check_runs_in_the_dependency_layer(tmp_path):
     assert "imports OK" in done.stdout
 
 
+def test_check_imports_finds_every_worker_module():
+    """Every .py file under backend/, subpackages (backend/h2grpc/) included, is
+    one check_imports imports (but the entry point)."""
+    from tools.check_imports import worker_modules
+
+    files = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for path in (ROOT / "backend").rglob("*.py")
+    }
+    assert files - {"backend.__main__"} == set(worker_modules())
+
+
 def test_every_worker_module_imports():
     """What the Dockerfile's last builder step runs once the sources are copied."""
     done = subprocess.run(

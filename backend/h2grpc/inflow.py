@@ -1,0 +1,112 @@
+"""Request bytes into one connection: the flow-control windows we grant, and
+what we hold until a request's handler takes it.
+
+Window goes back for bytes we do not keep at once, and for bytes we keep when
+their message goes to its handler, so what a peer can make a connection hold
+is what it was granted (RFC 9113 §6.9). Two things shape the grants:
+
+* every admitted message must be able to complete, whatever order the peer
+  sends its streams' frames in (grpc clients interleave them in 16 KiB
+  frames): otherwise half-received messages could use up the connection window
+  and wait for each other forever. So once a message's prefix has told its
+  size, the window is kept at least what admitted messages still need (`owed`),
+  and a message larger than the stream's initial window gets the rest of its
+  stream window at once;
+* a message is admitted only while what is held plus what is owed stays within
+  the connection's bound (`max_buffered`), so that bound is enforced by flow
+  control itself; beyond it the call ends RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from backend.h2grpc.frames import FLOW_CONTROL_ERROR, ConnectionLevelError, window_update
+
+if TYPE_CHECKING:
+    from backend.h2grpc.calls import Stream
+    from backend.h2grpc.sending import Sender
+
+# What we let a client send before it must wait for our WINDOW_UPDATE, per
+# stream (SETTINGS_INITIAL_WINDOW_SIZE) and per connection. Request messages
+# are small except images/LoadModel; 4 MiB windows keep a large one from
+# stalling on round trips.
+RECV_WINDOW = 4 * 1024 * 1024
+
+
+class Inflow:
+    def __init__(self, sender: Sender, max_message_bytes: int, max_buffered: int) -> None:
+        self.sender = sender
+        self.max_message_bytes = max_message_bytes
+        self.max_buffered = max_buffered
+        self.window = RECV_WINDOW  # the connection window the peer has left
+        self.returned = 0  # window due back to the peer, sent in batches (give_back)
+        self.buffered = 0  # request bytes held in stream bodies
+        self.owed = 0  # sum of the open streams' `need`
+
+    def receive(self, size: int) -> None:
+        """A DATA frame of `size` flow-controlled bytes arrived on the connection."""
+        self.window -= size
+        if self.window < 0:
+            raise ConnectionLevelError(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+
+    def give_back(self, size: int) -> None:
+        """`size` bytes of connection window are due back to the peer (bytes not
+        kept, or handed to a handler); sent in batches of half the window, or
+        at once when the window no longer covers what admitted messages need."""
+        self.returned += size
+        short = self.owed - self.window - self.returned
+        if short > 0:
+            self.returned += short
+        if short > 0 or self.returned >= RECV_WINDOW // 2:
+            self.sender.write(window_update(0, self.returned))
+            self.window += self.returned
+            self.returned = 0
+
+    def hold(self, stream: Stream, payload: bytes) -> tuple[int, str] | None:
+        """Keep `payload` for the stream's request; a status to end the call
+        with when it cannot be kept (see the module docstring)."""
+        body = stream.body
+        body += payload
+        self.buffered += len(payload)
+        if stream.need is not None:
+            stream.need -= len(payload)
+            self.owed -= len(payload)
+            if stream.need < 0:  # a unary call carries one message
+                return 13, "the request must be exactly one message"
+            return None
+        if len(body) < 5:
+            return None
+        declared = int.from_bytes(body[1:5], "big")
+        limit = self.max_message_bytes
+        if declared > limit:
+            return 8, f"Received message larger than max ({declared} vs. {limit})"
+        need = 5 + declared - len(body)
+        if need < 0:
+            return 13, "the request must be exactly one message"
+        if self.buffered + self.owed + need > self.max_buffered:
+            return 8, "too many request bytes waiting on this connection"
+        stream.need = need
+        self.owed += need
+        if need > stream.recv_window:  # a message larger than the initial window
+            self.sender.write(window_update(stream.id, need - stream.recv_window))
+            stream.recv_window = need
+        self.give_back(0)
+        return None
+
+    def take(self, stream: Stream) -> bytes:
+        """The stream's request, for its handler: its window goes back."""
+        body = bytes(stream.body)
+        stream.body = bytearray()
+        self.buffered -= len(body)
+        self.give_back(len(body))
+        return body
+
+    def release(self, stream: Stream) -> None:
+        """The stream ended without its handler taking the request: drop it."""
+        self.buffered -= len(stream.body)
+        if stream.need is not None:
+            self.owed -= stream.need
+            stream.need = 0
+        self.give_back(len(stream.body))
+        stream.body = bytearray()

@@ -1,0 +1,130 @@
+"""The timers that decide how long one connection lives: the handshake timeout,
+keepalive pings to find a vanished peer, paced PING ACKs, and the idle close."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from backend.h2grpc.frames import ACK, ENHANCE_YOUR_CALM, PING, ConnectionLevelError, frame
+
+if TYPE_CHECKING:
+    from backend.h2grpc.connection import Connection
+
+log = logging.getLogger(__name__)
+
+# At most one PING ACK per this many seconds per connection; later pings are
+# answered together when it has passed. grpc-go's BDP estimator (on in the
+# gateway's default dial) sends a new ping with the first DATA frame after each
+# ACK, i.e. one per streamed token when tokens are slower than the round trip;
+# answering each at once makes every token cost a second wake-up here. With a
+# 50 ms pace a client pings at most 20 times a second, and keepalive pings
+# (seconds apart) are still answered at once.
+PING_ACK_INTERVAL = 0.05
+# PINGs waiting for their paced ACK, at most: more is a flood.
+MAX_UNANSWERED_PINGS = 100
+# Between the idle GOAWAY and the close, see Liveness._idle_check.
+IDLE_CLOSE_GRACE = 1.0
+
+
+class Liveness:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.last_activity = time.monotonic()  # the last bytes from the peer
+        self.idle_since = time.monotonic()  # when the last stream ended
+        self.ping_outstanding = False  # our keepalive PING waits for its ACK
+        self.last_ping_ack = -PING_ACK_INTERVAL
+        self.ping_payloads: list[bytes] = []  # the peer's PINGs waiting for their ACK
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+
+    def _later(self, name: str, delay: float, callback: Callable[[], object]) -> None:
+        self.timers[name] = asyncio.get_running_loop().call_later(delay, callback)
+
+    def start(self) -> None:
+        server = self.conn.server
+        self._later("preface", server.handshake_timeout, self._preface_expired)
+        self._schedule_keepalive()
+        if server.idle_timeout > 0:
+            self._later("idle", server.idle_timeout, self._idle_check)
+
+    def stop(self) -> None:
+        for timer in self.timers.values():
+            timer.cancel()
+        self.timers.clear()
+
+    def _preface_expired(self) -> None:
+        conn = self.conn
+        if not conn.preface_seen:
+            log.warning("closing connection from %s: no HTTP/2 preface in time", conn.peer)
+            conn.close()
+
+    # ---- PING ------------------------------------------------------------------
+
+    def on_ping(self, payload: bytes) -> None:
+        """Answer the peer's PING now, or with the next paced batch."""
+        now = time.monotonic()
+        if "ack" not in self.timers and now - self.last_ping_ack >= PING_ACK_INTERVAL:
+            self.last_ping_ack = now
+            self.conn.sender.write(frame(PING, ACK, 0, payload))
+            return
+        if len(self.ping_payloads) >= MAX_UNANSWERED_PINGS:
+            raise ConnectionLevelError(ENHANCE_YOUR_CALM, "too many unanswered pings")
+        self.ping_payloads.append(payload)
+        if "ack" not in self.timers:
+            self._later("ack", self.last_ping_ack + PING_ACK_INTERVAL - now, self._ack_pings)
+
+    def _ack_pings(self) -> None:
+        del self.timers["ack"]
+        self.last_ping_ack = time.monotonic()
+        self.conn.sender.write(b"".join(frame(PING, ACK, 0, p) for p in self.ping_payloads))
+        self.ping_payloads.clear()
+
+    def on_ping_ack(self) -> None:
+        self.ping_outstanding = False
+
+    # ---- keepalive -------------------------------------------------------------
+
+    def _schedule_keepalive(self) -> None:
+        keepalive_time = self.conn.server.keepalive_time
+        if keepalive_time > 0 and not self.conn.closing:
+            self._later("keepalive", keepalive_time, self._keepalive_check)
+
+    def _keepalive_check(self) -> None:
+        conn = self.conn
+        if conn.closing:
+            return
+        server = conn.server
+        idle = time.monotonic() - self.last_activity
+        if self.ping_outstanding and idle >= server.keepalive_timeout:
+            log.info("peer %s did not answer a keepalive ping: closing", conn.peer)
+            conn.close()  # connection_lost follows and cancels the calls
+            return
+        if idle >= server.keepalive_time and not self.ping_outstanding:
+            self.ping_outstanding = True
+            conn.sender.write(frame(PING, 0, 0, b"keepaliv"))
+            self._later("keepalive", server.keepalive_timeout, self._keepalive_check)
+            return
+        self._schedule_keepalive()
+
+    # ---- idle ------------------------------------------------------------------
+
+    def _idle_check(self) -> None:
+        """GOAWAY(NO_ERROR) to a connection without streams for idle_timeout
+        (grpc-go's MaxConnectionIdle), closed IDLE_CLOSE_GRACE later: a stream
+        the peer opens meanwhile is refused (REFUSED_STREAM, which gRPC clients
+        retry on a new connection), and the peer has time to read the GOAWAY
+        before the close."""
+        conn = self.conn
+        if conn.closing:
+            return
+        timeout = conn.server.idle_timeout
+        left = timeout - (time.monotonic() - self.idle_since)
+        if conn.streams or left > 0:
+            self._later("idle", left if left > 0 else timeout, self._idle_check)
+            return
+        log.info("closing HTTP/2 connection from %s: idle for %.0f s", conn.peer, timeout)
+        conn.goaway()
+        self._later("idle", IDLE_CLOSE_GRACE, conn.close)

@@ -1,0 +1,113 @@
+"""The server: its settings, the listening sockets, the connection cap, and a
+graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from backend.h2grpc import calls
+from backend.h2grpc.calls import Method, Stream
+from backend.h2grpc.connection import Connection
+from backend.h2grpc.inflow import RECV_WINDOW
+
+log = logging.getLogger(__name__)
+
+# At most one warning per this many seconds about connections over the cap.
+REFUSAL_LOG_INTERVAL = 10.0
+
+
+class Server:
+    """Serves `methods` (see `calls.methods_of`) on one or more addresses."""
+
+    def __init__(
+        self,
+        methods: dict[str, Method],
+        *,
+        auth_token: str | None = None,
+        max_message_bytes: int = 4 * 1024 * 1024,
+        max_concurrent_streams: int = 1000,
+        keepalive_time: float = 30.0,
+        keepalive_timeout: float = 10.0,
+        handshake_timeout: float = 10.0,
+        idle_timeout: float = 0.0,
+        max_connections: int = 0,
+        auth_exempt: tuple[str, ...] = (),
+    ) -> None:
+        self.methods = methods
+        self.auth = f"Bearer {auth_token}".encode() if auth_token else None
+        # Path prefixes served without the token (the standard health service).
+        self.auth_exempt = tuple(p.encode() for p in auth_exempt)
+        self.max_message_bytes = max_message_bytes
+        # Request bytes one connection may hold in unfinished calls (inflow.py).
+        self.max_buffered = max_message_bytes + RECV_WINDOW
+        self.max_concurrent_streams = max_concurrent_streams
+        self.keepalive_time = keepalive_time
+        self.keepalive_timeout = keepalive_timeout
+        self.handshake_timeout = handshake_timeout  # for the client preface
+        self.idle_timeout = idle_timeout  # no open stream that long: GOAWAY, close (0: never)
+        self.max_connections = max_connections  # beyond: closed on arrival (0: no cap)
+        self.refused_connections = 0
+        self.refusal_logged = -REFUSAL_LOG_INTERVAL
+        self.connections: set[Connection] = set()
+        self.listeners: list[asyncio.Server] = []
+        self.stopping = False
+        self.tasks: dict[asyncio.Task[None], Stream] = {}
+
+    def admit(self, conn: Connection) -> bool:
+        """Count a new connection in, unless the cap is reached."""
+        if not self.max_connections or len(self.connections) < self.max_connections:
+            self.connections.add(conn)
+            return True
+        self.refused_connections += 1
+        now = time.monotonic()
+        if now - self.refusal_logged >= REFUSAL_LOG_INTERVAL:
+            self.refusal_logged = now
+            log.warning(
+                "%d connections open (the cap): closing new ones (%d so far), latest from %s",
+                len(self.connections),
+                self.refused_connections,
+                conn.peer,
+            )
+        return False
+
+    async def listen(self, addr: str) -> int:
+        """Bind `host:port`, `[v6]:port` or `unix:/path`; returns the bound port (0 for unix)."""
+        loop = asyncio.get_running_loop()
+        if addr.startswith("unix:"):
+            path = addr[5:].removeprefix("//")
+            server = await loop.create_unix_server(lambda: Connection(self), path)
+            self.listeners.append(server)
+            return 0
+        host, sep, port_text = addr.rpartition(":")
+        if not sep or not port_text.isdigit():
+            raise ValueError(f"{addr!r} is not HOST:PORT")
+        host = host.strip("[]") or None  # type: ignore[assignment]
+        server = await loop.create_server(
+            lambda: Connection(self), host, int(port_text), reuse_address=True, backlog=1024
+        )
+        self.listeners.append(server)
+        sockets = server.sockets or ()
+        return int(sockets[0].getsockname()[1]) if sockets else int(port_text)
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new calls, let running ones finish for `grace` seconds, then
+        end the rest with UNAVAILABLE (their handlers are cancelled)."""
+        self.stopping = True
+        for listener in self.listeners:
+            listener.close()
+        for conn in list(self.connections):
+            conn.goaway()
+        if self.tasks:
+            _, late = await asyncio.wait(list(self.tasks), timeout=grace)
+            for task in late:
+                stream = self.tasks.get(task)
+                if stream is not None:
+                    calls.cancel(stream, (14, "Cancelling all calls"))
+            if late:
+                await asyncio.wait(late, timeout=5.0)
+        for conn in list(self.connections):
+            conn.close()
+        for listener in self.listeners:
+            await listener.wait_closed()
