@@ -87,10 +87,10 @@ def _served_together(log_path: Path, since: int, names: list[str]) -> tuple[bool
     firsts, ends, ttfts = [], [], []
     for i, line in enumerate(lines):
         for name in names:
-            if f"request {name}-" in line and "first output after" in line:
+            if f"request {name}-" in line and FIRST_OUTPUT in line:
                 firsts.append(i)
                 ttfts.append(line.rsplit(" ", 1)[-1])  # "...first output after 0.012s"
-            if f"request {name}-" in line and "generation finished" in line:
+            if f"request {name}-" in line and FINISHED in line:
                 ends.append(i)
     seen = f"first outputs at log lines {firsts} (after {ttfts}), ends at {ends}"
     return len(firsts) == len(names) == len(ends) and max(firsts) < min(ends), seen
