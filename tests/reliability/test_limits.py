@@ -15,7 +15,6 @@ that way.
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
@@ -118,13 +117,12 @@ def _refusals_while_full(held: HeldStreams) -> dict[str, float]:
         code, details, took = rpc_code(call)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (name, code, details)
         assert "max_concurrent_requests=4" in details, details
-        # A queued request would wait for a held stream, i.e. until its 30 s
-        # deadline: the refusal itself proves there is no queue. The bound
-        # only catches a server that dawdles before refusing; it is loose
-        # because grpc's C-core client here sometimes holds a call's HEADERS
-        # 3-4 s before sending them (the worker's log shows them arriving
-        # late and refused within a millisecond).
-        assert took < 10.0, f"{name} took {took:.2f}s to be refused"
+        # The held streams end only when the test reads them, after this
+        # loop: a queued request would wait for one until its 30 s deadline
+        # and end DEADLINE_EXCEEDED. The refusal itself proves there is no
+        # queue; how long it took is printed, not judged (grpc's C-core
+        # client was seen holding a call's HEADERS 3-19 s on a loaded
+        # machine while the worker refused it within a millisecond).
         timings[name] = took
     assert held.still_running(), "a held stream ended during the check"
     return timings
@@ -144,7 +142,7 @@ def _cap_requests_run_side_by_side(worker: Worker) -> None:
     assert results == [3] * CAP
 
 
-def test_requests_over_the_cap_are_refused_quickly_and_accepted_after(capped):
+def test_requests_over_the_cap_are_refused_not_queued_and_accepted_after(capped):
     held = HeldStreams(capped)
     try:
         assert held.held(), "the slot-holding streams never started"
@@ -187,12 +185,10 @@ def test_message_over_the_size_limit_is_resource_exhausted_and_the_worker_serves
             pb.PredictOptions(Prompt=huge), timeout=30
         ),
     }.items():
-        code, details, took = rpc_code(call)
+        code, details, _ = rpc_code(call)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (name, code, details)
-        assert took < 5.0
-    started = time.monotonic()
+        assert "larger than max" in details, details
     assert capped.stub.Predict(greedy(Tokens=4), timeout=60).tokens == 4
-    assert time.monotonic() - started < 30
     # Just under the limit is accepted by gRPC (and then judged by the model:
     # far longer than the context, so INVALID_ARGUMENT, not a transport error).
     just_under = pb.PredictOptions(Prompt="x" * (MAX_MESSAGE - 1024))
