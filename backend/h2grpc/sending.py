@@ -32,6 +32,12 @@ if TYPE_CHECKING:
     from backend.h2grpc.calls import Stream
     from backend.h2grpc.connection import Connection
 
+# Each DATA frame sent earns the peer this many WINDOW_UPDATEs that are not
+# counted as a flood (its stream's and the connection's; connection.ABUSE_LIMIT),
+# up to UPDATE_CREDIT_MAX kept.
+UPDATES_PER_DATA_FRAME = 2
+UPDATE_CREDIT_MAX = 65_536
+
 
 class Sender:
     def __init__(self, conn: Connection) -> None:
@@ -100,6 +106,7 @@ class Sender:
             self.window -= size
             stream.send_window -= size
             if size <= self.max_frame:
+                self._earn(1)
                 self.write(head + frame(DATA, 0, stream.id, payload))
             else:
                 self.write(head + self._data_frames(stream.id, payload))
@@ -119,8 +126,17 @@ class Sender:
 
     def _data_frames(self, stream_id: int, payload: bytes) -> bytes:
         step = self.max_frame
+        self._earn(-(-len(payload) // step))
         return b"".join(
             frame(DATA, 0, stream_id, payload[i : i + step]) for i in range(0, len(payload), step)
+        )
+
+    def _earn(self, data_frames: int) -> None:
+        """DATA frames sent earn the peer the WINDOW_UPDATEs that return their
+        window (not counted as a flood, see connection.ABUSE_LIMIT)."""
+        conn = self.conn
+        conn.update_credit = min(
+            conn.update_credit + UPDATES_PER_DATA_FRAME * data_frames, UPDATE_CREDIT_MAX
         )
 
     def flush_pending(self) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
+from backend.h2grpc import connection as connection_module
 from backend.h2grpc import frames, liveness
 from backend.h2grpc.connection import Connection
 from backend.h2grpc.server import Server
@@ -201,6 +202,37 @@ def test_a_vanished_connection_cancels_its_handlers(server: Running) -> None:
         )
         assert server.servicer.started.wait(10)
     assert _wait(lambda: "gone" in server.servicer.cancelled)
+
+
+def test_window_updates_that_return_sent_data_are_not_a_flood(
+    server: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client returning window for every DATA frame it reads (its stream's
+    and the connection's: two WINDOW_UPDATEs a frame, as grpc's C-core client
+    does with many streams) is served however fast it reads; the same number
+    of WINDOW_UPDATEs for nothing sent is a flood. The flood window is made
+    an hour long so that the verdict does not depend on how fast this runs."""
+    monkeypatch.setattr(connection_module, "ABUSE_WINDOW", 3600.0)
+    messages = 3 * connection_module.ABUSE_LIMIT
+    with RawClient(server.port) as raw:
+        raw.request(1, "/backend.Backend/PredictStream", pb.PredictOptions(Tokens=messages))
+        data_frames = 0
+        while True:
+            kind, flags, sid, payload = raw.read_frame()
+            assert kind != frames.GOAWAY, f"closed after {data_frames} DATA frames: {payload!r}"
+            if kind == frames.DATA and payload:
+                data_frames += 1
+                grant = len(payload).to_bytes(4, "big")
+                raw.send(frames.WINDOW_UPDATE, 0, sid, grant)
+                raw.send(frames.WINDOW_UPDATE, 0, 0, grant)
+            if sid == 1 and flags & frames.END_STREAM:
+                break
+        assert data_frames >= messages  # a message split at a window edge takes two
+        # Unearned: every one counts, and the connection is closed.
+        flood = frames.frame(frames.WINDOW_UPDATE, 0, 0, (1).to_bytes(4, "big"))
+        raw.sock.sendall(flood * (connection_module.ABUSE_LIMIT + 1))
+        kind, _flags, _sid, payload = raw.read_frame(lambda f: f[0] == frames.GOAWAY)
+        assert int.from_bytes(payload[4:8], "big") == frames.ENHANCE_YOUR_CALM, payload
 
 
 def test_pings_are_answered_and_a_bad_preface_is_refused(server: Running) -> None:
