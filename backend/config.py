@@ -40,12 +40,12 @@ class ServerConfig:
     # may be private.
     debug_requests: bool = False
     # "uvloop" (the default when it is installed; vLLM depends on it) or
-    # "asyncio". uvloop makes each streamed message cheaper (bench/README.md).
+    # "asyncio". uvloop makes each streamed message cheaper (bench/results/README.md).
     event_loop: str = "uvloop"
-    # "grpcio": grpc.aio (C core), the default; or "h2": our HTTP/2 gRPC
-    # server on the event loop (backend/h2grpc/), an explicit opt-in while
-    # it is not yet hardened against hostile peers (README, issue 11).
-    transport: str = "grpcio"
+    # "h2": our HTTP/2 gRPC server on the event loop (backend/h2grpc/), the
+    # default: ~0.1x grpc.aio's CPU per streamed message, and it holds against
+    # the hostile-peer suite (README "Transport"); or "grpcio": grpc.aio (C core).
+    transport: str = "h2"
     # HOST:PORT of the Prometheus endpoint (backend/metrics.py); None = off.
     metrics_addr: str | None = None
     # A connection must send its HTTP/2 preface and SETTINGS within this many
@@ -124,8 +124,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> Se
     parser.add_argument(
         "--transport",
         choices=TRANSPORTS,
-        default=env.get("BACKEND_TRANSPORT", "grpcio"),
-        help="gRPC server: grpcio (grpc.aio, default) or h2 (HTTP/2 on the event loop, opt-in)",
+        default=env.get("BACKEND_TRANSPORT", "h2"),
+        help="gRPC server: h2 (HTTP/2 on the event loop, default) or grpcio (grpc.aio)",
     )
     parser.add_argument(
         "--metrics-addr",

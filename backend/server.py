@@ -1,4 +1,4 @@
-"""The gRPC server (grpc.aio by default, h2grpc on request): options, auth,
+"""The gRPC server (h2grpc by default, grpc.aio on request): options, auth,
 signals, parent watch and shutdown."""
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ class GrpcioServer:
 
 
 class H2Server:
-    """backend/h2grpc/: HTTP/2 on the event loop (opt-in: --transport h2)."""
+    """backend/h2grpc/: HTTP/2 on the event loop (the default: --transport h2)."""
 
     def __init__(self, config: ServerConfig, servicer: Any) -> None:
         from backend import h2grpc

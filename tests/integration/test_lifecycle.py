@@ -20,19 +20,20 @@ def fresh():
     w.stop()
 
 
-def test_worker_serves_on_uvloop_and_grpcio_by_default(fresh):
+def test_worker_serves_on_uvloop_and_h2_by_default(fresh):
     # uvloop makes each streamed message cheaper (bench/results/README.md);
-    # grpc.aio is the default transport until h2 holds against hostile peers.
+    # h2 is the default transport (README "Transport": CPU per message, and the
+    # hostile-peer suite it passes).
     tail = fresh.log_tail(200)
-    assert "event loop uvloop" in tail and "transport grpcio" in tail
+    assert "event loop uvloop" in tail and "transport h2" in tail
 
 
-def test_h2_transport_still_serves(tiny_model_dir):
-    """`--transport h2` (backend/h2grpc/) stays a working opt-in: load, unary,
+def test_grpcio_transport_still_serves(tiny_model_dir):
+    """`--transport grpcio` (grpc.aio) stays a working choice: load, unary,
     stream with usage, an error status, Free."""
-    w = Worker(env={"BACKEND_TRANSPORT": "h2"})
+    w = Worker(env={"BACKEND_TRANSPORT": "grpcio"})
     try:
-        assert "transport h2" in w.log_tail(200)
+        assert "transport grpcio" in w.log_tail(200)
         result = w.stub.LoadModel(tiny_load_options(tiny_model_dir), timeout=300)
         assert result.success, result.message
         request = pb.PredictOptions(Prompt="hi", Tokens=6, IgnoreEOS=True)

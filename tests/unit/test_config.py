@@ -14,7 +14,7 @@ def test_defaults():
     assert config.max_concurrent_requests == 0
     assert config.parent_watch is True
     assert config.exit_on_engine_death is False
-    assert config.transport == "grpcio"
+    assert config.transport == "h2"
     assert config.drain_seconds == 0.0 and config.grace_seconds == 10.0
 
 
