@@ -93,7 +93,9 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.sender = Sender(self)
-        self.inflow = Inflow(self.sender, server.max_message_bytes, server.max_buffered)
+        self.inflow = Inflow(
+            self.sender, server.max_message_bytes, server.max_buffered, server.request_bytes
+        )
         self.liveness = Liveness(self)
         self.buffer = bytearray()
         self.preface_seen = False
@@ -156,6 +158,7 @@ class Connection(asyncio.Protocol):
             calls.cancel(stream, None)
         self.streams.clear()
         self.sender.release()
+        self.inflow.close()
 
     def pause_writing(self) -> None:
         self.sender.pause()

@@ -13,8 +13,9 @@ is what it was granted (RFC 9113 §6.9). Two things shape the grants:
   and a message larger than the stream's initial window gets the rest of its
   stream window at once;
 * a message is admitted only while what is held plus what is owed stays within
-  the connection's bound (`max_buffered`), so that bound is enforced by flow
-  control itself; beyond it the call ends RESOURCE_EXHAUSTED.
+  the connection's bound (`max_buffered`), and the same sum over all
+  connections within the worker's (`RequestBytes`), so both bounds are enforced
+  by flow control itself; beyond them the call ends RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -34,15 +35,39 @@ if TYPE_CHECKING:
 RECV_WINDOW = 4 * 1024 * 1024
 
 
+class RequestBytes:
+    """What every connection of one server holds and owes for unfinished
+    requests, against one limit: without it, N connections could hold N times
+    the per-connection bound."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+
 class Inflow:
-    def __init__(self, sender: Sender, max_message_bytes: int, max_buffered: int) -> None:
+    def __init__(
+        self, sender: Sender, max_message_bytes: int, max_buffered: int, pool: RequestBytes
+    ) -> None:
         self.sender = sender
         self.max_message_bytes = max_message_bytes
         self.max_buffered = max_buffered
+        self.pool = pool
+        self.closed = False
         self.window = RECV_WINDOW  # the connection window the peer has left
         self.returned = 0  # window due back to the peer, sent in batches (give_back)
         self.buffered = 0  # request bytes held in stream bodies
         self.owed = 0  # sum of the open streams' `need`
+
+    def _count(self, delta: int) -> None:
+        """buffered + owed changed by `delta`: the worker's total follows."""
+        if not self.closed:
+            self.pool.held += delta
+
+    def close(self) -> None:
+        """The connection is gone: what it held and owed leaves the worker's total."""
+        self._count(-(self.buffered + self.owed))
+        self.closed = True
 
     def receive(self, size: int) -> None:
         """A DATA frame of `size` flow-controlled bytes arrived on the connection."""
@@ -71,10 +96,11 @@ class Inflow:
         self.buffered += len(payload)
         if stream.need is not None:
             stream.need -= len(payload)
-            self.owed -= len(payload)
+            self.owed -= len(payload)  # held now, owed no more: the total is unchanged
             if stream.need < 0:  # a unary call carries one message
                 return 13, "the request must be exactly one message"
             return None
+        self._count(len(payload))
         if len(body) < 5:
             return None
         declared = int.from_bytes(body[1:5], "big")
@@ -86,8 +112,11 @@ class Inflow:
             return 13, "the request must be exactly one message"
         if self.buffered + self.owed + need > self.max_buffered:
             return 8, "too many request bytes waiting on this connection"
+        if self.pool.held + need > self.pool.limit:
+            return 8, "too many request bytes waiting in this worker"
         stream.need = need
         self.owed += need
+        self._count(need)
         if need > stream.recv_window:  # a message larger than the initial window
             self.sender.write(window_update(stream.id, need - stream.recv_window))
             stream.recv_window = need
@@ -99,14 +128,17 @@ class Inflow:
         body = bytes(stream.body)
         stream.body = bytearray()
         self.buffered -= len(body)
+        self._count(-len(body))
         self.give_back(len(body))
         return body
 
     def release(self, stream: Stream) -> None:
         """The stream ended without its handler taking the request: drop it."""
         self.buffered -= len(stream.body)
+        self._count(-len(stream.body))
         if stream.need is not None:
             self.owed -= stream.need
+            self._count(-stream.need)
             stream.need = 0
         self.give_back(len(stream.body))
         stream.body = bytearray()

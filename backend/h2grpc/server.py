@@ -10,7 +10,7 @@ import time
 from backend.h2grpc import calls
 from backend.h2grpc.calls import Method, Stream
 from backend.h2grpc.connection import Connection
-from backend.h2grpc.inflow import RECV_WINDOW
+from backend.h2grpc.inflow import RECV_WINDOW, RequestBytes
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class Server:
         handshake_timeout: float = 10.0,
         idle_timeout: float = 0.0,
         max_connections: int = 0,
+        max_buffered_total: int = 0,
         auth_exempt: tuple[str, ...] = (),
     ) -> None:
         self.methods = methods
@@ -40,8 +41,10 @@ class Server:
         # Path prefixes served without the token (the standard health service).
         self.auth_exempt = tuple(p.encode() for p in auth_exempt)
         self.max_message_bytes = max_message_bytes
-        # Request bytes one connection may hold in unfinished calls (inflow.py).
+        # Request bytes one connection may hold in unfinished calls, and all
+        # connections together (inflow.py).
         self.max_buffered = max_message_bytes + RECV_WINDOW
+        self.request_bytes = RequestBytes(max_buffered_total or 4 * self.max_buffered)
         self.max_concurrent_streams = max_concurrent_streams
         self.keepalive_time = keepalive_time
         self.keepalive_timeout = keepalive_timeout

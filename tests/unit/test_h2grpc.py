@@ -235,6 +235,46 @@ def test_window_updates_that_return_sent_data_are_not_a_flood(
         assert int.from_bytes(payload[4:8], "big") == frames.ENHANCE_YOUR_CALM, payload
 
 
+def test_unfinished_uploads_are_bounded_per_worker_not_only_per_connection() -> None:
+    """Each connection starts a ~1 MiB request and stops after 16 bytes. Two
+    fit the worker's 2.5 MiB; the third is refused though its own connection
+    holds nothing else; a closed connection gives its share back."""
+    running = Running(max_message_bytes=2**20, max_buffered_total=5 * 2**19)
+    pool = running.server.request_bytes
+    # PredictStream ignores Grammar: a one-byte reply to a ~1 MiB request.
+    body = grpc_message(pb.PredictOptions(Tokens=1, Grammar="z" * (2**20 - 16)))
+
+    def start(raw: RawClient) -> None:
+        raw.open(1, "/backend.Backend/PredictStream")
+        raw.send(frames.DATA, 0, 1, body[:16])
+
+    try:
+        clients = [RawClient(running.port) for _ in range(4)]
+        for n, raw in enumerate(clients[:2], 1):
+            start(raw)  # held: 16 bytes; owed: the rest
+            assert _wait(lambda n=n: pool.held == n * len(body)), pool.held
+        start(clients[2])
+        headers = dict(clients[2].read_until_end(1))
+        assert headers["grpc-status"] == "8", headers
+        assert "in this worker" in headers["grpc-message"], headers
+        assert _wait(lambda: pool.held == 2 * len(body)), pool.held
+        clients[0].sock.close()  # gone mid-upload: its share leaves the total
+        assert _wait(lambda: pool.held == len(body)), pool.held
+        start(clients[3])
+        for raw in (clients[1], clients[3]):
+            rest = body[16:]
+            for i in range(0, len(rest), frames.MAX_FRAME):
+                last = i + frames.MAX_FRAME >= len(rest)
+                chunk = rest[i : i + frames.MAX_FRAME]
+                raw.send(frames.DATA, frames.END_STREAM if last else 0, 1, chunk)
+            assert dict(raw.read_until_end(1))["grpc-status"] == "0"
+        assert _wait(lambda: pool.held == 0), pool.held
+        for raw in clients[1:]:
+            raw.sock.close()
+    finally:
+        running.close()
+
+
 def test_pings_are_answered_and_a_bad_preface_is_refused(server: Running) -> None:
     with RawClient(server.port) as raw:
         raw.send(frames.PING, 0, 0, b"12345678")
@@ -327,6 +367,11 @@ def test_ping_acks_are_paced() -> None:
     assert seen[3] == [ack(b"first..."), ack(b"second..") + ack(b"third...")]
 
 
+def grpc_message(message: Any) -> bytes:
+    data = message.SerializeToString()
+    return struct.pack(">BI", 0, len(data)) + data
+
+
 class RawClient:
     """Hand-written HTTP/2 frames over a socket."""
 
@@ -347,6 +392,11 @@ class RawClient:
         self.sock.sendall(frames.frame(kind, flags, stream_id, payload))
 
     def request(self, stream_id: int, path: str, message: Any, *extra: tuple[str, str]) -> None:
+        self.open(stream_id, path, *extra)
+        self.send(frames.DATA, frames.END_STREAM, stream_id, grpc_message(message))
+
+    def open(self, stream_id: int, path: str, *extra: tuple[str, str]) -> None:
+        """The call's HEADERS; its DATA is the caller's."""
         headers = [
             (":method", "POST"),
             (":scheme", "http"),
@@ -357,9 +407,6 @@ class RawClient:
             *extra,
         ]
         self.send(frames.HEADERS, frames.END_HEADERS, stream_id, self.encoder.encode(headers))
-        data = message.SerializeToString()
-        body = struct.pack(">BI", 0, len(data)) + data
-        self.send(frames.DATA, frames.END_STREAM, stream_id, body)
 
     def read_frame(self, want: Any = lambda f: True) -> tuple[int, int, int, bytes]:
         while True:
