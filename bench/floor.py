@@ -153,7 +153,7 @@ async def _measure(
 def measure(
     cadence_ms: float = 2.0,
     messages: int = 1500,
-    transport: str = "grpcio",
+    transport: str = "h2",
     concurrency: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
@@ -176,7 +176,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
     p.add_argument("--cadence-ms", type=float, default=2.0)
     p.add_argument("--messages", type=int, default=1500)
-    p.add_argument("--transport", choices=(*TRANSPORTS, "both"), default="grpcio")
+    p.add_argument("--transport", choices=(*TRANSPORTS, "both"), default="h2")
     p.add_argument("--concurrency", default="", help="e.g. 1,32,256: also measure at c streams")
     args = p.parse_args()
     concurrency = tuple(int(c) for c in args.concurrency.split(",") if c)

@@ -559,8 +559,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--transport",
         choices=TRANSPORTS,
-        default="grpcio",
-        help="the workers' gRPC server (BACKEND_TRANSPORT): grpcio (grpc.aio, default) or h2",
+        default="h2",
+        help="the workers' gRPC server (BACKEND_TRANSPORT): h2 (the worker's default) or grpcio",
     )
     p.add_argument(
         "--no-go",
