@@ -12,7 +12,7 @@ GEN_FILES      := backend/gen/__init__.py backend/gen/backend_pb2.py \
 export BUILD_PROFILE FROM_SOURCE PYTHON
 
 .DEFAULT_GOAL := help
-.PHONY: help install protogen package run test test-unit test-integration test-e2e lint demo real-models bench clean
+.PHONY: help install protogen package run test test-all test-unit test-integration test-e2e lint demo real-models bench clean
 .PHONY: docker-build-cpu docker-build-cublas12 docker-build-hipblas test-image
 
 help:
@@ -49,7 +49,12 @@ protogen:
 run: install
 	./run.sh --addr $(ADDR)
 
+# make test leaves out the tests marked long (variants a faster test covers);
+# make test-all runs every test.
 test: install
+	$(PY) -m pytest tests -m "not long"
+
+test-all: install
 	$(PY) -m pytest tests
 
 test-unit: install

@@ -77,6 +77,7 @@ def test_lora_scale_scales_the_adapters_effect(lora_worker, tiny_model_dir):
     assert max(abs(tiny[t] - base[t]) for t in shared) < 0.05
 
 
+@pytest.mark.long
 def test_draft_model_speculative_decoding_is_lossless(lora_worker, tiny_model_dir, loaded):
     """The tiny model as its own draft: vLLM runs draft-model speculation on
     CPU, and greedy output is exactly the non-speculative output."""

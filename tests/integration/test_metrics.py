@@ -214,6 +214,7 @@ def _cancel_a_stream(worker: Worker, url: str, model: str) -> None:
     settle(url, "vllm:num_requests_running", 0, model_name=model)
 
 
+@pytest.mark.long
 def test_free_and_reload_keep_the_page_whole(metered, tiny_model_dir):
     worker, url = metered
     model = str(tiny_model_dir)

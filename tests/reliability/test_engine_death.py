@@ -228,6 +228,7 @@ def test_load_model_recovers_and_serves(death, tiny_model_dir):
 # ---- --exit-on-engine-death ------------------------------------------------------------
 
 
+@pytest.mark.long
 def test_exit_on_engine_death_exits_the_idle_worker_and_leaves_no_engine(tiny_model_dir):
     """With no request in flight only the server's 1 s engine watcher can notice."""
     worker = Worker(args=["--exit-on-engine-death"])

@@ -54,7 +54,7 @@ def _check(stub: health_pb2_grpc.HealthStub, service: str = "") -> int:
     return stub.Check(hpb.HealthCheckRequest(service=service), timeout=10).status
 
 
-@pytest.mark.parametrize("transport", ["grpcio", "h2"])
+@pytest.mark.parametrize("transport", [pytest.param("grpcio", marks=pytest.mark.long), "h2"])
 def test_health_follows_the_model(transport, tiny_model_dir):
     worker = Worker(env={"BACKEND_TRANSPORT": transport})
     try:

@@ -31,7 +31,7 @@ from tests.reliability.helpers import (
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
-CYCLES = 5
+CYCLES = 3
 MiB = 2**20
 
 

@@ -84,7 +84,12 @@ class Signalled:
     precondition: str
 
 
-@pytest.fixture(scope="module", params=[signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+@pytest.fixture(
+    scope="module",
+    # SIGINT takes the same path as SIGTERM (what a gateway sends): make test-all.
+    params=[signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.long)],
+    ids=lambda s: s.name,
+)
 def signalled(request, tiny_model_dir):
     """A loaded worker signalled while a short and a long stream are running.
 
