@@ -66,9 +66,7 @@ class Round:
     statuses: dict[int, tuple[int, str]] = field(default_factory=dict)
 
 
-@pytest.fixture(
-    scope="module", params=[pytest.param("grpcio", marks=pytest.mark.long), "h2"]
-)
+@pytest.fixture(scope="module", params=[pytest.param("grpcio", marks=pytest.mark.long), "h2"])
 def worker(request, tiny_model_dir):
     # --debug-requests: the worker logs each stream's first output and end.
     w = Worker(env={"BACKEND_TRANSPORT": request.param}, args=["--debug-requests"])
