@@ -101,7 +101,7 @@ def test_engine_start_failure_is_reported_not_raised(fresh, tiny_model_dir):
     )
 
 
-@pytest.mark.long  # tests/reliability/test_load_free_cycles.py checks the same, and more
+@pytest.mark.long  # test_load_free_cycles checks Free and reload per cycle, FAILED_PRECONDITION too
 def test_load_free_reload_releases_the_engine(fresh, tiny_model_dir):
     result = fresh.stub.LoadModel(tiny_load_options(tiny_model_dir), timeout=300)
     assert result.success, f"{result.message}\n{fresh.log_tail()}"
@@ -138,7 +138,7 @@ def test_load_free_reload_releases_the_engine(fresh, tiny_model_dir):
     )
 
 
-@pytest.mark.long  # test_cut_requests replaces a loaded model too, with requests running
+@pytest.mark.long  # test_cut_requests replaces a loaded model too (old engine gone), mid-request
 def test_load_on_a_loaded_worker_replaces_the_model(fresh, tiny_model_dir):
     first = fresh.stub.LoadModel(tiny_load_options(tiny_model_dir), timeout=300)
     assert first.success

@@ -25,18 +25,12 @@ import pytest
 
 from backend.gen import backend_pb2 as pb
 from tests import engine_control
-from tests.conftest import Worker, tiny_load_options
-from tests.reliability.helpers import greedy, state, state_name
+from tests.conftest import Worker
+from tests.reliability.helpers import describe, greedy, load, state, state_name, survivors
 
 pytestmark = [pytest.mark.reliability]
 
 LONG = 2000  # tokens: held unfinished by the stopped core
-
-
-def _load(worker: Worker, model_dir) -> pb.Result:
-    result = worker.stub.LoadModel(tiny_load_options(model_dir), timeout=600)
-    assert result.success, f"{result.message}\n{worker.log_tail()}"
-    return result
 
 
 @dataclass
@@ -101,10 +95,11 @@ def _assert_cut(call: Call, reason: str) -> None:
     assert all(r.tokens == 0 and r.prompt_tokens == 0 for r in call.replies), call.describe()
 
 
-def _cut_by(worker: Worker, action: Callable[[], object], reason: str) -> None:
+def _cut_by(worker: Worker, action: Callable[[], object], reason: str) -> object:
     """A stream and a unary call held in the engine, then `action` (Free or
     LoadModel, in a thread): both end UNAVAILABLE with `reason` while the core
-    is still stopped; then the core runs again and `action` completes."""
+    is still stopped; then the core runs again and `action` completes, with
+    what it returned."""
     core = engine_control.engine_core_of(worker.proc.pid)
     calls = [Call("cut-stream", stream=True), Call("cut-unary", stream=False)]
     outcome: list[object] = []
@@ -116,6 +111,7 @@ def _cut_by(worker: Worker, action: Callable[[], object], reason: str) -> None:
             _assert_cut(call, reason)
     acting.join(300)
     assert outcome, "Free/LoadModel did not return"
+    return outcome[0]
 
 
 @pytest.fixture(scope="module")
@@ -126,16 +122,23 @@ def worker(tiny_model_dir):
 
 
 def test_free_cuts_running_stream_and_unary_with_unavailable(worker, tiny_model_dir):
-    _load(worker, tiny_model_dir)
+    load(worker, tiny_model_dir)
     free = lambda: worker.stub.Free(pb.HealthMessage(), timeout=300)  # noqa: E731
     _cut_by(worker, free, "unloaded (Free)")
     assert state(worker) == pb.StatusResponse.UNINITIALIZED
 
 
 def test_replacing_load_cuts_running_requests_with_unavailable(worker, tiny_model_dir):
-    _load(worker, tiny_model_dir)
-    _cut_by(worker, lambda: _load(worker, tiny_model_dir), "replaced (LoadModel)")
-    # The new model serves, and a request that runs to its end is complete.
+    load(worker, tiny_model_dir)
+    old = engine_control.engine_processes(worker.proc.pid)
+    replace = lambda: load(worker, tiny_model_dir, MaxModelLen=1024)  # noqa: E731
+    result = _cut_by(worker, replace, "replaced (LoadModel)")
+    assert "max_model_len 1024" in result.message, result.message  # the new options
+    # The old engine is gone, a new one serves, and a request that runs to its
+    # end is complete.
+    left = survivors(old, timeout=30)
+    assert old and not left, f"old engine processes still running: {describe(left)}"
+    assert engine_control.engine_processes(worker.proc.pid)
     assert worker.stub.Predict(greedy(Tokens=5), timeout=120).tokens == 5
 
 
@@ -149,7 +152,7 @@ def test_drain_lets_short_requests_finish_and_cuts_the_rest(tiny_model_dir):
     drain = 3.0
     w = Worker(env={"BACKEND_DRAIN_SECONDS": str(drain)}, args=["--debug-requests"])
     try:
-        _load(w, tiny_model_dir)
+        load(w, tiny_model_dir)
         core = engine_control.engine_core_of(w.proc.pid)
         long, short = Call("drain-long", stream=True), Call("drain-short", stream=True, tokens=8)
         since = w.log_path.stat().st_size

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import grpc
 import pytest
 
 from backend.gen import backend_pb2 as pb
@@ -20,6 +21,7 @@ from tests.reliability.helpers import (
     greedy,
     load,
     log_text,
+    rpc_code,
     shm_names,
     shm_used_by,
     stop_worker,
@@ -49,6 +51,7 @@ class Cycle:
     shm_leaked: set[str]
     worker_rss_after_free: int
     status_total_after_free: int
+    predict_after_free: grpc.StatusCode | None
 
 
 @dataclass
@@ -93,6 +96,9 @@ def run(tiny_model_dir):
                 status_total_after_free=worker.stub.Status(
                     pb.HealthMessage(), timeout=10
                 ).memory.total,
+                predict_after_free=rpc_code(
+                    lambda: worker.stub.Predict(greedy(Tokens=2), timeout=10)
+                )[0],
             )
             out.append(cycle)
             print(
@@ -147,6 +153,11 @@ def test_worker_rss_after_free_stays_within_10_percent_of_the_first_cycle(cycles
     # tracker) remain, far below the loaded footprint.
     for c in cycles:
         assert c.status_total_after_free < c.loaded_status_total, table
+
+
+def test_requests_after_free_fail_with_failed_precondition(cycles):
+    codes = [c.predict_after_free for c in cycles]
+    assert codes == [grpc.StatusCode.FAILED_PRECONDITION] * CYCLES, codes
 
 
 def test_free_returns_promptly(cycles):
