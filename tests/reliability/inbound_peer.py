@@ -213,17 +213,19 @@ class Peer:
                 return
             buf += data
             pos = 0
-            while len(buf) - pos >= 9:
-                length = int.from_bytes(buf[pos : pos + 3], "big")
-                if len(buf) - pos < 9 + length:
-                    break
-                kind, flags = buf[pos + 3], buf[pos + 4]
-                sid = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-                payload = bytes(buf[pos + 9 : pos + 9 + length])
-                pos += 9 + length
-                with self.cv:
+            # Every whole frame of this read under one lock: a flood's replies
+            # (millions of ACKs) are parsed as fast as this thread can.
+            with self.cv:
+                while len(buf) - pos >= 9:
+                    length = int.from_bytes(buf[pos : pos + 3], "big")
+                    if len(buf) - pos < 9 + length:
+                        break
+                    kind, flags = buf[pos + 3], buf[pos + 4]
+                    sid = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+                    payload = bytes(buf[pos + 9 : pos + 9 + length])
+                    pos += 9 + length
                     self._frame(kind, flags, sid, payload)
-                    self.cv.notify_all()
+                self.cv.notify_all()
             del buf[:pos]
 
     def _frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
@@ -280,6 +282,29 @@ class Peer:
                 if left <= 0:
                     return False
                 self.cv.wait(min(left, 0.1))
+        return True
+
+    def wait_while_talking(self, until, silence: float, limit: float = 300) -> bool:
+        """Wait for `until()` as long as the server keeps sending: give up only
+        after `silence` seconds in which no frame arrived (or at EOF, or after
+        `limit` seconds in all, against a server that never stops). After a
+        flood the server may owe millions of ACKs, which arrive before
+        anything it says next; how long reading them takes depends on the
+        machine, whether the server still talks does not."""
+        with self.cv:
+            start = time.monotonic()
+            seen, quiet_since = self.frames_in, start
+            while not until():
+                if self.eof:
+                    return False
+                now = time.monotonic()
+                if self.frames_in != seen:
+                    seen, quiet_since = self.frames_in, now
+                elif now - quiet_since >= silence:
+                    return False
+                if now - start >= limit:
+                    return False
+                self.cv.wait(0.1)
         return True
 
     def reaction(self) -> str:

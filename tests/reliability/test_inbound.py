@@ -284,9 +284,14 @@ def rapid_reset(addr: str, deadline: float) -> str:
             sid += 2
         if not peer.send(bytes(batch), deadline):
             break
-    peer.wait(lambda: peer.goaway or peer.eof, 1)
     opened = sid // 2
-    refused = sum(code == p.REFUSED_STREAM for code in peer.resets.values())
+
+    def count_refused() -> int:
+        return sum(code == p.REFUSED_STREAM for code in list(peer.resets.values()))
+
+    # Each stream's answer is parsed here in Python: wait while the server talks.
+    peer.wait_while_talking(lambda: _calm(peer) or count_refused() >= opened // 2, silence=1)
+    refused = count_refused()
     reaction = peer.reaction() + f" after {opened} streams"
     # GOAWAY(ENHANCE_YOUR_CALM) as nghttp2/grpc-go do, or C-core's answer:
     # refusing new streams while too many resets are pending.
@@ -316,15 +321,20 @@ def _flood(setup: Callable[[p.Peer], bytes], unit: Callable[[int], bytes]):
             if not peer.send(batch, deadline):
                 break
             frames += 2000
-        peer.wait(lambda: peer.goaway or peer.eof, 1)
-        reaction = peer.reaction() + f" after {frames} frames"
+        # The server's answer to the flood (millions of ACKs for some kinds)
+        # comes before any GOAWAY: wait while it talks, not for a fixed time.
+        peer.wait_while_talking(lambda: peer.goaway or peer.eof, silence=1)
+        sid = 1_000_001
         if not _calm(peer):
             # Absorbed instead of refused (C-core does that for some kinds): the
             # connection must still serve a call right after the flood.
-            sid = 1_000_001
             peer.send(peer.headers(sid) + p.frame(p.DATA, p.END_STREAM, sid, p.message()))
-            # (this client parses every ACK of the flood first: up to ~5 s)
-            answered = peer.wait(lambda: peer.status.get(sid) == 0, 10)
+            peer.wait_while_talking(
+                lambda: peer.status.get(sid) == 0 or peer.goaway or peer.eof, silence=10
+            )
+        reaction = peer.reaction() + f" after {frames} frames"
+        if not _calm(peer):
+            answered = peer.status.get(sid) == 0
             reaction += ", absorbed: the flooding connection still serves" if answered else ""
             assert answered, reaction + ", and the connection no longer serves"
         peer.close()
