@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from backend.config import ServerConfig
 from backend.gen import backend_pb2
 from backend.health import HealthService
-from backend.servicer import BackendServicer
+from backend.servicer import BackendServicer, freeze_heap
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,7 @@ async def serve(config: ServerConfig) -> int:
     death; returns the process exit code (3 after engine death, else 0)."""
     servicer = BackendServicer(config)
     server = make_server(config, servicer)
+    freeze_heap()  # everything imported so far lives as long as the worker
     await server.listen()
     metrics_server = None
     if config.metrics_addr:
