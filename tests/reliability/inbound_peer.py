@@ -107,7 +107,8 @@ class Peer:
         self.resets: dict[int, int] = {}
         self.status: dict[int, int] = {}  # grpc-status (or HTTP :status when not 200)
         self.ended: set[int] = set()
-        self.eof = False
+        self.eof = False  # the server closed: everything it sent before is parsed
+        self.write_failed = False  # a write failed (the server reset or closed)
         self.frames_in = 0
         self.conn_window = 65_535
         self.initial_window = 65_535
@@ -118,6 +119,7 @@ class Peer:
         self._block_sid = 0
         self.closed = False
         self.preface = preface  # without it, a SETTINGS ACK would be garbage
+        self.reads = read
         if preface:
             self.send(PREFACE + frame(SETTINGS, 0, 0))
         self.reader: threading.Thread | None = None
@@ -133,7 +135,7 @@ class Peer:
         view = memoryview(data)
         with self.lock:
             while view:
-                if self.closed or self.eof:
+                if self.closed or self.eof or self.write_failed:
                     return False
                 if deadline is not None and time.monotonic() >= deadline:
                     return False
@@ -143,7 +145,15 @@ class Peer:
                 except TimeoutError:
                     continue
                 except OSError:
-                    self.eof = True
+                    # The server reset the connection. What it sent before the
+                    # reset (a GOAWAY saying why) may still wait in the socket
+                    # or in the reader's hands: the reader says EOF once it has
+                    # parsed it all. A write error is not the end of reading.
+                    self.write_failed = True
+                    if not self.reads:
+                        with self.cv:
+                            self.eof = True
+                            self.cv.notify_all()
                     return False
                 self.sent += n
                 view = view[n:]

@@ -12,6 +12,7 @@ fixed wait would have allowed.
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -76,4 +77,52 @@ def test_gives_up_after_the_silence(server) -> None:
     started = time.monotonic()
     assert not peer.wait_while_talking(lambda: peer.status.get(1) == 0, silence=0.5)
     assert time.monotonic() - started >= 0.5
+    peer.close()
+
+
+@pytest.fixture
+def resetting_server() -> Iterator[str]:
+    """Sends a GOAWAY, then closes without reading what the peer sent: the
+    kernel answers the peer's bytes with a reset."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.sendall(p.frame(p.GOAWAY, 0, 0, struct.pack(">II", 0, p.FLOW_CONTROL_ERROR)))
+        time.sleep(0.1)  # the peer's preface is in, unread: the close resets
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+def test_a_failed_write_does_not_hide_the_goaway_before_the_reset(
+    resetting_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CI once failed h2-flow_control_overrun with "closed" and no GOAWAY: the
+    attacking thread's write hit the reset and declared the connection ended
+    while the reader had the GOAWAY in hand, unparsed. Here the reader is
+    held at the GOAWAY until after the failed write, so that order is certain."""
+    original = p.Peer._frame
+    go_on = threading.Event()
+
+    def held(self, kind, *args) -> None:
+        if kind == p.GOAWAY:
+            self.cv.release()  # as a loaded machine's reader thread: late, not locked
+            go_on.wait(10)
+            self.cv.acquire()
+        original(self, kind, *args)
+
+    monkeypatch.setattr(p.Peer, "_frame", held)
+    peer = p.Peer(resetting_server)
+    deadline = time.monotonic() + 10
+    while peer.send(bytes(65_536), deadline):
+        pass
+    # The precondition: the write failed, and the reader has not parsed the GOAWAY.
+    assert peer.write_failed and peer.goaway is None
+    threading.Timer(0.3, go_on.set).start()
+    assert peer.wait(lambda: peer.goaway is not None or peer.eof, 10)
+    assert peer.goaway == (p.FLOW_CONTROL_ERROR, 0), peer.reaction()
+    assert peer.wait(lambda: peer.eof, 10)  # then the reset, seen by the reader
     peer.close()
