@@ -86,6 +86,14 @@ ABUSE_WINDOW = 1.0
 # them: DATA in flight up to the window it had (beyond: FLOW_CONTROL_ERROR),
 # nothing after its own END_STREAM or RST_STREAM (STREAM_CLOSED).
 GONE_REMEMBERED = 1024
+# After a connection error: the GOAWAY, then our FIN, then whatever the peer
+# still sends is read and dropped for up to GOAWAY_LINGER seconds (or until it
+# closes), then the connection is aborted. Closed at once with the peer's
+# bytes unread, the kernel answers with a reset instead of a FIN, and the reset
+# discards a GOAWAY still queued to leave: the peer learns "connection reset",
+# not why. Go's HTTP/2 server (the one under grpc-go) waits 1 s the same way
+# (goAwayTimeout, golang.org/issue/18701).
+GOAWAY_LINGER = 1.0
 
 
 class Connection(asyncio.Protocol):
@@ -106,6 +114,7 @@ class Connection(asyncio.Protocol):
         self.header_block = bytearray()
         self.header_flags = 0
         self.closing = False
+        self.lingering: asyncio.TimerHandle | None = None  # see GOAWAY_LINGER
         self.goaway_sent = False
         self.peer = ""
         self.abuse = 0
@@ -153,6 +162,13 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.server.connections.discard(self)
+        if self.lingering is not None:
+            self.lingering.cancel()
+        self._end_calls()
+
+    def _end_calls(self) -> None:
+        """Nothing more is read or sent for this connection's calls: cancel
+        them and give back what they held (twice is harmless)."""
         self.liveness.stop()
         for stream in list(self.streams.values()):
             calls.cancel(stream, None)
@@ -167,6 +183,8 @@ class Connection(asyncio.Protocol):
         self.sender.resume()
 
     def data_received(self, data: bytes) -> None:
+        if self.closing:  # lingering after a connection error: dropped unread
+            return
         self.liveness.last_activity = time.monotonic()
         buf = self.buffer
         buf += data
@@ -464,13 +482,29 @@ class Connection(asyncio.Protocol):
     def _connection_error(self, code: int, reason: str) -> None:
         log.warning("closing HTTP/2 connection from %s: %s", self.peer, reason)
         self.sender.write(goaway(self.last_stream_id, code, reason.encode()))
-        self.close()
+        self.close(linger=GOAWAY_LINGER)
 
-    def close(self) -> None:
-        if self.transport is not None and not self.closing:
-            self.sender.flush()
-            self.closing = True
-            self.transport.close()
+    def close(self, linger: float = 0.0) -> None:
+        """Send what is queued and close; with `linger`, half-close and drop
+        the peer's bytes for that long first (see GOAWAY_LINGER). A plain close
+        of a lingering connection aborts it now."""
+        transport = self.transport
+        if transport is None:
+            return
+        if self.closing:
+            if not linger and self.lingering is not None:
+                self.lingering.cancel()
+                transport.abort()
+            return
+        self.sender.flush()
+        self.closing = True
+        if not linger or not transport.can_write_eof():
+            transport.close()
+            return
+        self._end_calls()
+        transport.write_eof()
+        # abort, not close: close would wait for a peer that does not read.
+        self.lingering = asyncio.get_running_loop().call_later(linger, transport.abort)
 
 
 def _current() -> asyncio.Task[Any] | None:

@@ -12,6 +12,7 @@ flow control that follows the client's window and SETTINGS changes, resets.
 
 from __future__ import annotations
 
+import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import h2.settings as h2_settings
 import pytest
 
 from backend.gen import backend_pb2 as pb
+from backend.h2grpc import connection
 from backend.h2grpc.inflow import RECV_WINDOW
 from tests.h2client import H2Client, Stream
 from tests.h2server import Running
@@ -393,3 +395,57 @@ def test_connections_beyond_the_cap_are_closed_and_the_others_served() -> None:
         for c in clients:
             c.close()
         running.close()
+
+
+def test_a_connection_error_half_closes_after_the_goaway_and_drains_the_peer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer still writing when it commits a connection error (here: a frame
+    larger than 16384 bytes, then 1 MiB more) must get the GOAWAY saying why,
+    then a FIN: not a reset. Closed at once with those bytes unread, the
+    kernel resets the connection, and a reset can discard the GOAWAY before it
+    leaves. Then the connection ends within GOAWAY_LINGER even though this
+    peer never closes it, and the server serves others."""
+    # Milliseconds of writing against seconds of linger, however loaded the machine.
+    monkeypatch.setattr(connection, "GOAWAY_LINGER", 3.0)
+    running = Running()
+    sock = socket.create_connection(("127.0.0.1", running.port), timeout=10)
+    try:
+        bad = struct.pack(">I", 20_000)[1:] + bytes([0, 0]) + struct.pack(">I", 1)
+        sock.sendall(H2_PREFACE + _raw_frame(4, 0, 0) + bad)
+        sock.sendall(bytes(1024 * 1024))  # raises ConnectionResetError on a reset
+        data = bytearray()
+        while chunk := sock.recv(65_536):  # raises ConnectionResetError on a reset
+            data += chunk
+        goaways = [payload for kind, payload in _raw_frames(bytes(data)) if kind == 7]
+        assert len(goaways) == 1, data
+        last, code = struct.unpack_from(">II", goaways[0])
+        assert (last, code) == (0, h2_errors.ErrorCodes.FRAME_SIZE_ERROR)
+        assert goaways[0][8:] == b"frame larger than 16384 bytes"
+        deadline = time.monotonic() + connection.GOAWAY_LINGER + 10
+        while running.server.connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not running.server.connections, "the lingering connection was never closed"
+        other = H2Client(running.addr)
+        sid = other.call("Health", pb.HealthMessage())
+        assert other.pump(lambda: other.streams[sid].ended)
+        assert other.streams[sid].status() == (0, "")
+        other.close()
+    finally:
+        sock.close()
+        running.close()
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _raw_frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + sid.to_bytes(4, "big") + payload
+
+
+def _raw_frames(data: bytes) -> Iterator[tuple[int, bytes]]:
+    pos = 0
+    while len(data) - pos >= 9:
+        length = int.from_bytes(data[pos : pos + 3], "big")
+        yield data[pos + 3], data[pos + 9 : pos + 9 + length]
+        pos += 9 + length
