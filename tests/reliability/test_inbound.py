@@ -207,7 +207,7 @@ def flow_control_overrun(addr: str, deadline: float) -> str:
         sent += len(chunk)
         if peer.goaway:
             break
-    peer.wait(lambda: peer.goaway or 1 in peer.resets or peer.eof, 2)
+    peer.wait_while_talking(lambda: peer.goaway or 1 in peer.resets or peer.eof, silence=2)
     reaction = peer.reaction()
     code = peer.goaway[0] if peer.goaway else peer.resets.get(1)
     # RFC 9113 §6.9.1 says FLOW_CONTROL_ERROR; C-core resets the stream with
@@ -235,7 +235,7 @@ def data_after_end_stream(addr: str, deadline: float) -> str:
     peer = p.Peer(addr)
     peer.send(peer.headers(1) + p.frame(p.DATA, p.END_STREAM, 1, p.message()))
     let_in = peer.send_data(1, 256 * MIB, deadline, stream_window=False)
-    peer.wait(lambda: peer.goaway or 1 in peer.resets or peer.eof, 2)
+    peer.wait_while_talking(lambda: peer.goaway or 1 in peer.resets or peer.eof, silence=2)
     reaction = peer.reaction() + f" after {let_in / MIB:.1f} MiB"
     code = peer.goaway[0] if peer.goaway else peer.resets.get(1)
     assert code in (p.STREAM_CLOSED, p.PROTOCOL_ERROR) or peer.eof, reaction
