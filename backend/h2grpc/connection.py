@@ -480,7 +480,9 @@ class Connection(asyncio.Protocol):
             self.sender.write(goaway(self.last_stream_id, NO_ERROR))
 
     def _connection_error(self, code: int, reason: str) -> None:
-        log.warning("closing HTTP/2 connection from %s: %s", self.peer, reason)
+        self.server.drops.warn(
+            f"error {code}", "closing HTTP/2 connection from %s: %s", self.peer, reason
+        )
         self.sender.write(goaway(self.last_stream_id, code, reason.encode()))
         self.close(linger=GOAWAY_LINGER)
 

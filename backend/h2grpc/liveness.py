@@ -58,7 +58,9 @@ class Liveness:
     def _preface_expired(self) -> None:
         conn = self.conn
         if not conn.preface_seen:
-            log.warning("closing connection from %s: no HTTP/2 preface in time", conn.peer)
+            conn.server.drops.warn(
+                "preface", "closing connection from %s: no HTTP/2 preface in time", conn.peer
+            )
             conn.close()
 
     # ---- PING ------------------------------------------------------------------

@@ -14,8 +14,32 @@ from backend.h2grpc.inflow import RECV_WINDOW, RequestBytes
 
 log = logging.getLogger(__name__)
 
-# At most one warning per this many seconds about connections over the cap.
-REFUSAL_LOG_INTERVAL = 10.0
+# A peer decides how many connections it makes us drop (over the cap, no
+# preface, a protocol error): at most one warning per kind per this many
+# seconds, and the next one says how many were left unlogged.
+DROP_LOG_INTERVAL = 10.0
+
+
+class DropLog:
+    """Rate-limited warnings about dropped connections, one stream per kind."""
+
+    def __init__(self) -> None:
+        self.logged: dict[str, float] = {}  # kind -> when its last warning went out
+        self.unlogged: dict[str, int] = {}  # kind -> drops since then
+
+    def warn(self, kind: str, message: str, *args: object) -> None:
+        """`kind` must come from a small fixed set (not from the peer's bytes)."""
+        now = time.monotonic()
+        last = self.logged.get(kind)
+        if last is not None:
+            if now - last < DROP_LOG_INTERVAL:
+                self.unlogged[kind] = self.unlogged.get(kind, 0) + 1
+                return
+            more = self.unlogged.pop(kind, 0)
+            if more:
+                message += f" ({more} more like it unlogged in the last {now - last:.0f} s)"
+        self.logged[kind] = now
+        log.warning(message, *args)
 
 
 class Server:
@@ -52,7 +76,7 @@ class Server:
         self.idle_timeout = idle_timeout  # no open stream that long: GOAWAY, close (0: never)
         self.max_connections = max_connections  # beyond: closed on arrival (0: no cap)
         self.refused_connections = 0
-        self.refusal_logged = -REFUSAL_LOG_INTERVAL
+        self.drops = DropLog()
         self.connections: set[Connection] = set()
         self.listeners: list[asyncio.Server] = []
         self.stopping = False
@@ -64,15 +88,13 @@ class Server:
             self.connections.add(conn)
             return True
         self.refused_connections += 1
-        now = time.monotonic()
-        if now - self.refusal_logged >= REFUSAL_LOG_INTERVAL:
-            self.refusal_logged = now
-            log.warning(
-                "%d connections open (the cap): closing new ones (%d so far), latest from %s",
-                len(self.connections),
-                self.refused_connections,
-                conn.peer,
-            )
+        self.drops.warn(
+            "cap",
+            "%d connections open (the cap): closing new ones (%d so far), latest from %s",
+            len(self.connections),
+            self.refused_connections,
+            conn.peer,
+        )
         return False
 
     async def listen(self, addr: str) -> int:

@@ -6,6 +6,7 @@ never sends. No engine: a small servicer on the Backend service stands in.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import struct
 import time
@@ -20,6 +21,7 @@ from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
 from backend.h2grpc import connection as connection_module
 from backend.h2grpc import frames, liveness
+from backend.h2grpc import server as server_module
 from backend.h2grpc.connection import Connection
 from backend.h2grpc.server import Server
 from tests.h2server import Running
@@ -291,6 +293,36 @@ def test_pings_are_answered_and_a_bad_preface_is_refused(server: Running) -> Non
             data += chunk
         # Our SETTINGS, then GOAWAY(PROTOCOL_ERROR), then the close.
         assert struct.pack(">B", frames.GOAWAY) in data[:200] and b"preface" in data
+
+
+def test_dropped_connections_are_logged_at_most_once_per_interval(
+    server: Running, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """How many connections we drop is the peer's choice: 50 bad prefaces give
+    one warning, not 50; the next warning after the interval counts the rest."""
+
+    def bad_preface() -> None:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            while sock.recv(65536):  # until the server's close
+                pass
+
+    def warnings() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if "not an HTTP/2 client preface" in r.getMessage()
+        ]
+
+    with caplog.at_level(logging.WARNING, logger="backend.h2grpc"):
+        for _ in range(50):
+            bad_preface()
+        assert len(warnings()) == 1, warnings()
+        # The interval has passed (as if): the next drop is logged, with the count.
+        monkeypatch.setattr(server_module, "DROP_LOG_INTERVAL", 0.0)
+        bad_preface()
+        assert _wait(lambda: len(warnings()) == 2), warnings()
+        assert "(49 more like it unlogged" in warnings()[1]
 
 
 def test_stop_refuses_new_calls_and_cuts_running_ones_after_the_grace(server: Running) -> None:
