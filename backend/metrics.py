@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 
 from backend.config import split_addr
@@ -51,6 +51,25 @@ class _InFlight:
         )
         gauge.add_metric([self._model_name()], self._active())
         yield gauge
+
+
+class _Dropped:
+    """`backend_connections_dropped`: the h2 transport's own tally, read at scrape time."""
+
+    def __init__(self, totals: Callable[[], dict[str, int]]) -> None:
+        self._totals = totals
+
+    def collect(self) -> Iterator[Metric]:
+        counter = CounterMetricFamily(
+            "backend_connections_dropped",
+            "Connections the h2 transport closed on the peer's account, by reason: over_cap "
+            "(BACKEND_MAX_CONNECTIONS), no_preface (BACKEND_HANDSHAKE_TIMEOUT_S), or the HTTP/2 "
+            "error code of the GOAWAY it sent (ENHANCE_YOUR_CALM: a flood)",
+            labels=["reason"],
+        )
+        for reason, total in sorted(dict(self._totals()).items()):
+            counter.add_metric([reason], total)
+        yield counter
 
 
 class WorkerMetrics:
@@ -104,6 +123,10 @@ class WorkerMetrics:
         r.register(_InFlight(model_name, active))  # type: ignore[arg-type]
         self._window_start = time.monotonic()
         self._window_tokens = 0
+
+    def count_dropped_connections(self, totals: Callable[[], dict[str, int]]) -> None:
+        """Export the transport's dropped-connection tally (h2 only: C-core keeps its own)."""
+        self.registry.register(_Dropped(totals))  # type: ignore[arg-type]
 
     # ---- recording -----------------------------------------------------------
 

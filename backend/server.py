@@ -255,6 +255,8 @@ async def serve(config: ServerConfig) -> int:
     if config.metrics_addr:
         from backend.metrics import MetricsServer
 
+        if isinstance(server, H2Server):
+            servicer.counters.count_dropped_connections(lambda: server.server.drops.totals)
         metrics_server = MetricsServer(config.metrics_addr, servicer.counters)
         metrics_server.start()
 

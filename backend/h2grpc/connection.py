@@ -27,6 +27,7 @@ from backend.h2grpc.frames import (
     END_HEADERS,
     END_STREAM,
     ENHANCE_YOUR_CALM,
+    ERROR_NAMES,
     FLOW_CONTROL_ERROR,
     FRAME_SIZE_ERROR,
     HEADERS,
@@ -481,7 +482,10 @@ class Connection(asyncio.Protocol):
 
     def _connection_error(self, code: int, reason: str) -> None:
         self.server.drops.warn(
-            f"error {code}", "closing HTTP/2 connection from %s: %s", self.peer, reason
+            ERROR_NAMES.get(code, f"0x{code:x}"),
+            "closing HTTP/2 connection from %s: %s",
+            self.peer,
+            reason,
         )
         self.sender.write(goaway(self.last_stream_id, code, reason.encode()))
         self.close(linger=GOAWAY_LINGER)

@@ -59,7 +59,7 @@ class Liveness:
         conn = self.conn
         if not conn.preface_seen:
             conn.server.drops.warn(
-                "preface", "closing connection from %s: no HTTP/2 preface in time", conn.peer
+                "no_preface", "closing connection from %s: no HTTP/2 preface in time", conn.peer
             )
             conn.close()
 

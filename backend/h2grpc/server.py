@@ -21,14 +21,18 @@ DROP_LOG_INTERVAL = 10.0
 
 
 class DropLog:
-    """Rate-limited warnings about dropped connections, one stream per kind."""
+    """Connections dropped on the peer's account, counted by kind (all of them:
+    the `backend_connections_dropped` metric) and warned about at a limited rate."""
 
     def __init__(self) -> None:
+        self.totals: dict[str, int] = {}  # kind -> drops since start-up
         self.logged: dict[str, float] = {}  # kind -> when its last warning went out
         self.unlogged: dict[str, int] = {}  # kind -> drops since then
 
     def warn(self, kind: str, message: str, *args: object) -> None:
-        """`kind` must come from a small fixed set (not from the peer's bytes)."""
+        """`kind` must come from a small fixed set (not from the peer's bytes):
+        "over_cap", "no_preface", or the HTTP/2 error code's name."""
+        self.totals[kind] = self.totals.get(kind, 0) + 1
         now = time.monotonic()
         last = self.logged.get(kind)
         if last is not None:
@@ -89,7 +93,7 @@ class Server:
             return True
         self.refused_connections += 1
         self.drops.warn(
-            "cap",
+            "over_cap",
             "%d connections open (the cap): closing new ones (%d so far), latest from %s",
             len(self.connections),
             self.refused_connections,

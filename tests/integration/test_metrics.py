@@ -8,6 +8,7 @@ counters and for vLLM's (`vllm:*`, from the AsyncLLM in the worker process).
 
 from __future__ import annotations
 
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -92,6 +93,24 @@ def test_endpoint_serves_only_the_worker_metrics_before_a_model_is_loaded(metere
     assert page.has("process_cpu_seconds")
     # Loopback only: the flag gave a bare port.
     assert "Prometheus metrics on http://127.0.0.1:" in worker.log_tail(200)
+
+
+def test_dropped_connections_are_counted_by_reason_and_logged_once(metered):
+    """Three peers that are not HTTP/2 clients: three GOAWAY(PROTOCOL_ERROR)
+    drops on the page, one warning in the log (its rate is limited)."""
+    worker, url = metered
+    before = scrape(url).value("backend_connections_dropped_total", reason="PROTOCOL_ERROR")
+    logged = worker.log_tail(10_000).count("not an HTTP/2 client preface")
+    host, port = worker.addr.rsplit(":", 1)
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            while sock.recv(65536):  # the GOAWAY, then the close: the count came first
+                pass
+    page = scrape(url)
+    assert page.value("backend_connections_dropped_total", reason="PROTOCOL_ERROR") == before + 3
+    # Each warning is written (line-buffered stderr) before its close.
+    assert worker.log_tail(10_000).count("not an HTTP/2 client preface") - logged == 1
 
 
 def test_counters_move_by_exactly_the_traffic_sent(metered, tiny_model_dir):
