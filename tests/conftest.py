@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -23,9 +24,30 @@ def tiny_model_dir() -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing is bound to, for a server started next.
+
+    Not one from bind(0): that is an ephemeral port, free only until a client
+    connection takes it as its local port, and a worker binds its port ~20 s
+    later (after importing vLLM). With test_inbound's thousands of connections
+    running in a suite beside this one, a worker failed with EADDRINUSE. A
+    port below the kernel's ephemeral range is never handed to a client."""
+    low = _ephemeral_low()
+    for _ in range(1000):
+        port = random.randrange(20_000, low) if low > 21_000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free loopback port below the ephemeral range")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0  # not Linux: bind(0)
 
 
 class Worker:

@@ -318,7 +318,12 @@ class Peer:
         return True
 
     def reaction(self) -> str:
-        """What the server did to this connection, in words."""
+        """What the server did to this connection, in words (under the reader's
+        lock: its dicts change while it reads)."""
+        with self.cv:
+            return self._reaction()
+
+    def _reaction(self) -> str:
         out = []
         if self.goaway is not None:
             out.append(f"GOAWAY({ERRORS.get(self.goaway[0], self.goaway[0])})")

@@ -622,7 +622,8 @@ def test_inbound_attack(case: Case, box, request) -> None:
     except AssertionError as exc:  # the reaction was wrong: still measure the rest
         error = exc
         reaction = f"WRONG: {exc}"
-    latencies = target_box.prober.stop()
+    finally:  # whatever the attack raised, the prober must not stay started
+        latencies = target_box.prober.stop()
     after = _health_after(worker) if worker.proc.poll() is None else float("inf")
     time.sleep(0.2)
     grew = rss.stop()
