@@ -92,7 +92,7 @@ GONE_REMEMBERED = 1024
 # closes), then the connection is aborted. Closed at once with the peer's
 # bytes unread, the kernel answers with a reset instead of a FIN, and the reset
 # discards a GOAWAY still queued to leave: the peer learns "connection reset",
-# not why. Go's HTTP/2 server (the one under grpc-go) waits 1 s the same way
+# not why. The HTTP/2 server of Go's net/http waits 1 s the same way
 # (goAwayTimeout, golang.org/issue/18701).
 GOAWAY_LINGER = 1.0
 
