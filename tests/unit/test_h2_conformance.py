@@ -22,7 +22,7 @@ import h2.settings as h2_settings
 import pytest
 
 from backend.gen import backend_pb2 as pb
-from backend.h2grpc import connection
+from backend.h2grpc import connection, frames
 from backend.h2grpc.inflow import RECV_WINDOW
 from tests.h2client import H2Client, Stream
 from tests.h2server import Running
@@ -412,12 +412,12 @@ def test_a_connection_error_half_closes_after_the_goaway_and_drains_the_peer(
     sock = socket.create_connection(("127.0.0.1", running.port), timeout=10)
     try:
         bad = struct.pack(">I", 20_000)[1:] + bytes([0, 0]) + struct.pack(">I", 1)
-        sock.sendall(H2_PREFACE + _raw_frame(4, 0, 0) + bad)
+        sock.sendall(frames.PREFACE + frames.frame(frames.SETTINGS, 0, 0) + bad)
         sock.sendall(bytes(1024 * 1024))  # raises ConnectionResetError on a reset
         data = bytearray()
         while chunk := sock.recv(65_536):  # raises ConnectionResetError on a reset
             data += chunk
-        goaways = [payload for kind, payload in _raw_frames(bytes(data)) if kind == 7]
+        goaways = [p for kind, p in _raw_frames(bytes(data)) if kind == frames.GOAWAY]
         assert len(goaways) == 1, data
         last, code = struct.unpack_from(">II", goaways[0])
         assert (last, code) == (0, h2_errors.ErrorCodes.FRAME_SIZE_ERROR)
@@ -434,13 +434,6 @@ def test_a_connection_error_half_closes_after_the_goaway_and_drains_the_peer(
     finally:
         sock.close()
         running.close()
-
-
-H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-
-def _raw_frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + sid.to_bytes(4, "big") + payload
 
 
 def _raw_frames(data: bytes) -> Iterator[tuple[int, bytes]]:
