@@ -1,0 +1,1 @@
+"""The output path: engine deltas → reasoning, content and tool calls → Replies."""
