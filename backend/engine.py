@@ -143,6 +143,9 @@ class Engine:
             raise
         return engine
 
+    def sampling_params(self, kwargs: dict[str, Any], *, stream: bool) -> SamplingParams:
+        return sampling_params(kwargs, stream=stream)
+
     @property
     def errored(self) -> bool:
         return bool(self.llm.errored)

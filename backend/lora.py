@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 from backend.errors import InvalidArgument
@@ -43,10 +43,10 @@ def scaled_copies(adapters: Sequence[LoraAdapter]) -> tuple[list[LoraAdapter], s
     return out, workdir
 
 
-def choose(adapters: Sequence[LoraAdapter], metadata: Mapping[str, str]) -> int | None:
-    """Index of the adapter a request uses: Metadata['lora_adapter'] names one
-    (or 'none'); by default the first loaded adapter applies to every request."""
-    wanted = metadata.get(METADATA_KEY, "").strip()
+def choose(adapters: Sequence[LoraAdapter], wanted: str) -> int | None:
+    """Index of the adapter a request uses: Metadata['lora_adapter'] (`wanted`)
+    names one (or 'none'); by default the first loaded adapter applies to every
+    request."""
     if not wanted:
         return 0 if adapters else None
     if wanted.lower() == "none":

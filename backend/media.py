@@ -87,18 +87,21 @@ def content_parts(
     return parts
 
 
-def attach_to_last_user(
+def with_media(
     messages: list[dict[str, Any]],
     images: Sequence[str],
     videos: Sequence[str],
     audios: Sequence[str],
-) -> None:
+) -> list[dict[str, Any]]:
+    """`messages` with the media as content parts of the last user message
+    (a new list: the request's own messages are left as they are)."""
     if not (images or videos or audios):
-        return
-    for message in reversed(messages):
+        return messages
+    for i in range(len(messages) - 1, -1, -1):
+        message = messages[i]
         if message["role"] == "user":
-            message["content"] = content_parts(message.get("content") or "", images, videos, audios)
-            return
+            parts = content_parts(message.get("content") or "", images, videos, audios)
+            return [*messages[:i], {**message, "content": parts}, *messages[i + 1 :]]
     raise InvalidArgument(
         "Images/Videos/Audios were given but Messages has no user message to carry them"
     )

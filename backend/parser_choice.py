@@ -10,7 +10,7 @@ being served is untouched.
 The functions that ask vLLM (its parser registry, a `tool_parser_plugin`, the
 model's config and tokenizer) import it when called: the choice itself is pure
 and unit-tested on its own. What is done with the chosen parsers' output is in
-`backend/parsing.py`.
+`backend/output/state.py`.
 """
 
 from __future__ import annotations

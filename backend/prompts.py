@@ -28,13 +28,6 @@ class MessageLike(Protocol):
     tool_calls: str
 
 
-class ChatRequest(Protocol):
-    Messages: Sequence[MessageLike]
-    Tools: str
-    ToolChoice: str
-    Metadata: Mapping[str, str]
-
-
 @dataclass
 class ToolChoice:
     """`none` | `auto` | `required` | a named function (`name` set)."""
@@ -196,13 +189,16 @@ def template_kwargs(metadata: Mapping[str, str]) -> tuple[dict[str, Any], bool |
     return kwargs, skip
 
 
-def chat_input(req: ChatRequest) -> ChatInput:
-    messages = convert_messages(req.Messages)
-    tools = parse_tools(req.Tools)
-    choice = parse_tool_choice(req.ToolChoice, tools)
-    kwargs, skip = template_kwargs(req.Metadata)
+def chat_input(
+    messages: Sequence[MessageLike], tools_json: str, tool_choice: str, metadata: Mapping[str, str]
+) -> ChatInput:
+    """Messages, Tools, ToolChoice and Metadata of a chat request, checked."""
+    converted = convert_messages(messages)
+    tools = parse_tools(tools_json)
+    choice = parse_tool_choice(tool_choice, tools)
+    kwargs, skip = template_kwargs(metadata)
     return ChatInput(
-        messages=messages,
+        messages=converted,
         # With tool_choice none the renderer leaves the tools out of the
         # prompt (the engine module sets vLLM's exclude flag).
         tools=tools,

@@ -48,6 +48,31 @@ class Usage:
     generation_ms: float = 0.0
 
 
+def usage(
+    final: Any,
+    *,
+    prompt_tokens: int,
+    completion_tokens: int,
+    started: float,
+    first_at: float,
+    done: float,
+) -> Usage:
+    """Usage and timings, one definition for Predict and PredictStream.
+
+    `timing_prompt_processing`: ms from the request's arrival at the engine to
+    its first token, as the engine measured it (`first_token_latency`); when
+    the engine keeps no statistics (DisableLogStatus), ms from the call into
+    the engine to the first output read (`first_at`; a unary request reads
+    one output, at the end). `timing_token_generation`: the rest, to the end.
+    `started`, `first_at`, `done`: time.monotonic() readings.
+    """
+    total_ms = (done - started) * 1000.0
+    metrics = getattr(final, "metrics", None)
+    first = getattr(metrics, "first_token_latency", 0.0) or 0.0
+    prompt_ms = min(first * 1000.0, total_ms) if first else ((first_at or done) - started) * 1000.0
+    return Usage(prompt_tokens, completion_tokens, prompt_ms, total_ms - prompt_ms)
+
+
 def chat_delta(piece: ChatPiece) -> pb.ChatDelta:
     return pb.ChatDelta(
         content=piece.content,

@@ -28,14 +28,18 @@ its zero means. The table below is that decision, one row per field:
 per-request meaning in vLLM (speculation is configured at load); the gateway
 always sends them, so they are accepted and not used.
 
-This module is pure: the engine module turns the returned dict into
-`SamplingParams` (and `structured_outputs` into `StructuredOutputsParams`).
+This module is pure and reads no protobuf: `backend/request.py` hands it the
+field values. `finalize` makes the request's final keyword arguments (model
+defaults, the chat parsers' adjustments, the context clamp), which the engine
+module turns into `SamplingParams` — the two steps of vLLM's own
+`get_max_tokens` + `to_sampling_params`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from backend import peer_json
 from backend.errors import InvalidArgument
@@ -45,25 +49,18 @@ _LOGIT_BIAS_LIMIT = 100.0
 MAX_TOP_LOGPROBS = 20
 
 
-class SamplingRequest(Protocol):
-    """The PredictOptions fields this module reads (the generated class fits)."""
-
-    Tokens: int
-    Temperature: float
-    TopP: float
-    TopK: int
-    MinP: float
-    Penalty: float
-    FrequencyPenalty: float
-    PresencePenalty: float
-    Seed: int
-    StopPrompts: Any
-    IgnoreEOS: bool
-    LogitBias: str
-    Logprobs: int
-    TopLogprobs: int
-    Grammar: str
-    TypicalP: float
+# Sampling fields whose unset value falls back to the model's
+# generation_config.json, as `vllm serve` does. Temperature is not among
+# them: a 0 that reaches us was asked for (see the table above).
+GENERATION_DEFAULTS = (
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "max_tokens",
+)
 
 
 def _finite(name: str, value: float) -> float:
@@ -72,80 +69,129 @@ def _finite(name: str, value: float) -> float:
     return float(value)
 
 
-def sampling_kwargs(req: SamplingRequest) -> dict[str, Any]:
-    """Validated `SamplingParams` keyword arguments (without output_kind)."""
+def sampling_kwargs(
+    *,
+    tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+    penalty: float,
+    frequency_penalty: float,
+    presence_penalty: float,
+    seed: int,
+    stop: Sequence[str],
+    ignore_eos: bool,
+    logit_bias: str,
+    logprobs: int,
+    top_logprobs: int,
+    typical_p: float,
+    grammar: str,
+) -> dict[str, Any]:
+    """Validated `SamplingParams` keyword arguments the caller set (the
+    PredictOptions fields of the same names); errors name the proto field."""
     kw: dict[str, Any] = {}
 
-    if req.Tokens < 0:
-        raise InvalidArgument(f"Tokens (max new tokens) must be >= 0, got {req.Tokens}")
-    kw["max_tokens"] = req.Tokens or None
+    if tokens < 0:
+        raise InvalidArgument(f"Tokens (max new tokens) must be >= 0, got {tokens}")
+    kw["max_tokens"] = tokens or None
 
-    temperature = _finite("Temperature", req.Temperature)
+    temperature = _finite("Temperature", temperature)
     if temperature < 0:
         raise InvalidArgument(f"Temperature must be >= 0, got {temperature}")
     kw["temperature"] = temperature
 
-    top_p = _finite("TopP", req.TopP)
+    top_p = _finite("TopP", top_p)
     if top_p != 0:
         if not 0 < top_p <= 1:
             raise InvalidArgument(f"TopP must be in (0, 1], got {top_p}")
         kw["top_p"] = top_p
 
-    if req.TopK < -1:
-        raise InvalidArgument(f"TopK must be >= 1, or 0/-1 to disable, got {req.TopK}")
-    if req.TopK > 0:
-        kw["top_k"] = req.TopK
+    if top_k < -1:
+        raise InvalidArgument(f"TopK must be >= 1, or 0/-1 to disable, got {top_k}")
+    if top_k > 0:
+        kw["top_k"] = top_k
 
-    min_p = _finite("MinP", req.MinP)
+    min_p = _finite("MinP", min_p)
     if not 0 <= min_p <= 1:
         raise InvalidArgument(f"MinP must be in [0, 1], got {min_p}")
     if min_p:
         kw["min_p"] = min_p
 
-    penalty = _finite("Penalty", req.Penalty)
+    penalty = _finite("Penalty", penalty)
     if penalty < 0:
         raise InvalidArgument(f"Penalty (repetition penalty) must be > 0, got {penalty}")
     if penalty:
         kw["repetition_penalty"] = penalty
 
-    for field, key in (
-        ("FrequencyPenalty", "frequency_penalty"),
-        ("PresencePenalty", "presence_penalty"),
+    for field, key, raw in (
+        ("FrequencyPenalty", "frequency_penalty", frequency_penalty),
+        ("PresencePenalty", "presence_penalty", presence_penalty),
     ):
-        value = _finite(field, getattr(req, field))
+        value = _finite(field, raw)
         if not -2 <= value <= 2:
             raise InvalidArgument(f"{field} must be in [-2, 2], got {value}")
         if value:
             kw[key] = value
 
-    if req.Seed > 0:
-        kw["seed"] = req.Seed
+    if seed > 0:
+        kw["seed"] = seed
 
-    stops = [s for s in req.StopPrompts if s]
+    stops = [s for s in stop if s]
     if stops:
         kw["stop"] = stops
-    if req.IgnoreEOS:
+    if ignore_eos:
         kw["ignore_eos"] = True
 
-    if req.LogitBias.strip():
-        kw["logit_bias"] = parse_logit_bias(req.LogitBias)
+    if logit_bias.strip():
+        kw["logit_bias"] = parse_logit_bias(logit_bias)
 
-    if req.Logprobs < 0 or req.TopLogprobs < 0:
+    if logprobs < 0 or top_logprobs < 0:
         raise InvalidArgument("Logprobs and TopLogprobs must be >= 0")
-    if req.TopLogprobs > MAX_TOP_LOGPROBS:
-        raise InvalidArgument(f"TopLogprobs must be <= {MAX_TOP_LOGPROBS}, got {req.TopLogprobs}")
-    if req.Logprobs > 0 or req.TopLogprobs > 0:
-        kw["logprobs"] = req.TopLogprobs
+    if top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"TopLogprobs must be <= {MAX_TOP_LOGPROBS}, got {top_logprobs}")
+    if logprobs > 0 or top_logprobs > 0:
+        kw["logprobs"] = top_logprobs
 
-    typical_p = _finite("TypicalP", req.TypicalP)
+    typical_p = _finite("TypicalP", typical_p)
     if typical_p not in (0.0, 1.0):
         raise InvalidArgument(
             f"TypicalP={typical_p} is not supported: vLLM has no typical sampling "
             "(leave it unset, 0 or 1)"
         )
 
-    if req.Grammar.strip():
-        kw["structured_outputs"] = structured_output(req.Grammar)
+    if grammar.strip():
+        kw["structured_outputs"] = structured_output(grammar)
+    return kw
+
+
+def finalize(
+    user: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    *,
+    structured_outputs: Any,
+    skip_special_tokens: bool | None,
+    prompt_tokens: int,
+    max_model_len: int,
+) -> dict[str, Any]:
+    """The request's SamplingParams keyword arguments, all layers applied.
+
+    `user`: what the caller set (`sampling_kwargs` minus structured outputs);
+    `defaults`: the model's generation_config.json values for the
+    `GENERATION_DEFAULTS` the caller left unset; `structured_outputs` and
+    `skip_special_tokens`: as the chat parsers left them (a tool_choice may
+    replace the grammar with a structural tag; None: unset); then max_tokens
+    is capped at what the context has left, as `vllm serve` does (vLLM itself
+    would reject the request instead).
+    """
+    kw = {k: v for k, v in defaults.items() if k in GENERATION_DEFAULTS and user.get(k) is None}
+    kw.update({k: v for k, v in user.items() if v is not None or k not in kw})
+    if structured_outputs is not None:
+        kw["structured_outputs"] = structured_outputs
+    if skip_special_tokens is not None:
+        kw["skip_special_tokens"] = skip_special_tokens
+    if kw.get("max_tokens") is not None:
+        kw["max_tokens"] = max(1, min(kw["max_tokens"], max_model_len - prompt_tokens))
     return kw
 
 

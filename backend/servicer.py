@@ -15,18 +15,16 @@ import functools
 import gc
 import itertools
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import text_format
 
-from backend import pooling
+from backend import generation, pooling
 from backend import status as status_mod
 from backend.config import ServerConfig
 from backend.errors import (
-    BackendError,
     FailedPrecondition,
     NotLoaded,
     Overloaded,
@@ -36,9 +34,9 @@ from backend.errors import (
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
 from backend.metrics import WorkerMetrics
-from backend.model import LoadedModel, Prepared
+from backend.model import LoadedModel
 from backend.model_metadata import model_metadata
-from backend.replies import ChatPiece, Usage, reply
+from backend.request import GenerationRequest
 from backend.scoring import score
 
 log = logging.getLogger(__name__)
@@ -55,20 +53,6 @@ CUT_BY_SHUTDOWN = (
     "the worker is shutting down and its grace period ended while this request ran: "
     "its output is incomplete"
 )
-
-
-@contextlib.contextmanager
-def _cut_reported(model: LoadedModel) -> Iterator[None]:
-    """A request cut by its engine's stop fails with the stop's reason, whatever
-    the engine raised on the way out (EngineDeadError, a closed queue, ...)."""
-    try:
-        yield
-    except BackendError:
-        raise
-    except Exception as exc:
-        if model.engine.closing:
-            raise Unavailable(model.engine.closing) from exc
-        raise
 
 
 def _unary(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -187,13 +171,11 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             if not self._active:
                 self._idle.set()
 
-    def _request_id(self, request: Any) -> str:
-        rid = f"{request.CorrelationId or 'req'}-{next(self._ids)}"
+    def _request_id(self, correlation_id: str, describe: Callable[[], str]) -> str:
+        rid = f"{correlation_id or 'req'}-{next(self._ids)}"
         if self.config.debug_requests:
             # Only with --debug-requests: prompts may be private.
-            log.info(
-                "request %s: %s", rid, text_format.MessageToString(request, as_one_line=True)[:4000]
-            )
+            log.info("request %s: %s", rid, describe())
         return rid
 
     # ---- lifecycle ----------------------------------------------------------
@@ -290,23 +272,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     async def Predict(
         self, request: pb.PredictOptions, context: grpc.aio.ServicerContext
     ) -> pb.Reply:
-        model = self._require_model(request.ModelIdentity)
-        with self._admitted():
-            prep = await model.prepare(request, stream=False)
-            started = time.monotonic()
-            final = None
-            with _cut_reported(model):
-                async for out in model.engine.generate(
-                    prep.engine_input,
-                    prep.params,
-                    self._request_id(request),
-                    **prep.generate_kwargs,
-                ):
-                    final = out
-            model.engine.ensure_complete(final)
-            result = model.unary_reply(prep, final, started)
-            self.counters.add(result.prompt_tokens, result.tokens)
-            return result
+        return await self._generate(GenerationRequest.from_proto(request, stream=False), None)
 
     @_unary
     async def PredictStream(
@@ -315,71 +281,23 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         # A coroutine handler writing with context.write, not an async
         # generator: each streamed message then crosses one await instead of
         # three generator layers (ours, the error wrapper, grpc's).
-        model = self._require_model(request.ModelIdentity)
-        with self._admitted():
-            prep = await model.prepare(request, stream=True)
-            await self._stream(model, prep, request, context.write)
+        req = GenerationRequest.from_proto(request, stream=True)
+        await context.write(await self._generate(req, context.write))
 
-    async def _stream(
-        self,
-        model: LoadedModel,
-        prep: Prepared,
-        request: pb.PredictOptions,
-        write: Callable[[pb.Reply], Awaitable[None]],
-    ) -> None:
-        state = prep.state
-        started = time.monotonic()
-        first_at = 0.0
-        completion_tokens = 0
-        prompt_tokens = 0
-        chat = prep.chat
-        tail = ChatPiece()
-        final = None
-        rid = self._request_id(request)
-        try:
-            with _cut_reported(model):
-                async for out in model.engine.generate(
-                    prep.engine_input, prep.params, rid, **prep.generate_kwargs
-                ):
-                    if not first_at:
-                        first_at = time.monotonic()
-                        prompt_tokens = len(out.prompt_token_ids or ())
-                        if self.config.debug_requests:
-                            # Seen by the worker, whatever the transport does with
-                            # the bytes (tests stop the engine core on it).
-                            log.info(
-                                "request %s: first output after %.3fs", rid, first_at - started
-                            )
-                    completion = out.outputs[0]
-                    ids = completion.token_ids
-                    completion_tokens += len(ids)
-                    if out.finished:
-                        # Checked before the parser flushes: a cut request
-                        # sends no final piece and no usage.
-                        final = out
-                        model.engine.ensure_complete(out)
-                    piece = state.feed(
-                        completion.text, ids, completion.logprobs, finished=out.finished
-                    )
-                    if out.finished:
-                        # The last delta (with what the parser flushed) rides
-                        # on the final Reply together with usage.
-                        tail = piece
-                    elif piece:
-                        await write(reply(piece, chat=chat, logprobs=state.chunk_logprobs()))
-            model.engine.ensure_complete(final)
-        finally:
-            self.counters.add(prompt_tokens, completion_tokens)
-        done = time.monotonic()
-        if self.config.debug_requests:
-            log.info("request %s: generation finished, %d tokens", rid, completion_tokens)
-        usage = Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            prompt_ms=((first_at or done) - started) * 1000.0,
-            generation_ms=(done - (first_at or done)) * 1000.0,
-        )
-        await write(reply(tail, chat=chat, usage=usage, logprobs=state.all_logprobs()))
+    async def _generate(
+        self, req: GenerationRequest, send: Callable[[pb.Reply], Awaitable[None]] | None
+    ) -> pb.Reply:
+        model = self._require_model(req.identity)
+        with self._admitted():
+            gen = await generation.prepare(model, req)
+            return await generation.run(
+                model.engine,
+                gen,
+                self._request_id(req.correlation_id, req.describe),
+                send,
+                count=self.counters.add,
+                debug=self.config.debug_requests,
+            )
 
     # ---- tokenizer ----------------------------------------------------------
 
@@ -445,6 +363,11 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     ) -> pb.EmbeddingResult:
         model = self._require_model(request.ModelIdentity)
         with self._admitted():
-            result = await pooling.embed(model, request, self._request_id(request))
+            rid = self._request_id(request.CorrelationId, lambda: _describe(request))
+            result = await pooling.embed(model, request, rid)
             self.counters.add(result.prompt_tokens, 0)
             return result
+
+
+def _describe(request: Any) -> str:
+    return str(text_format.MessageToString(request, as_one_line=True))[:4000]

@@ -64,8 +64,9 @@ class JsonValue:
 
     `done` is set when the value is complete (`feed` then returns where it
     ended: the rest of the text belongs to whatever encloses the value);
-    `failed` when the text stopped being JSON (`rest` is then the text from
-    the first character not yet reflected in the output). `raw_string`: a
+    `failed` when the text stopped being JSON (`feed` returns where; `pending`
+    is what was read before that and not yet written: the model's text from
+    `pending` on is what the output does not reflect). `raw_string`: a
     string at the top level is written decoded, without quotes (some parsers
     pass a string `arguments` through as it is).
     """
@@ -81,8 +82,9 @@ class JsonValue:
         "_strip",
         "done",
         "failed",
-        "rest",
+        "pending",
         "started",
+        "string",
     )
 
     def __init__(self, *, raw_string: bool = False) -> None:
@@ -95,9 +97,10 @@ class JsonValue:
         self._raw_top = raw_string
         self._strip = False  # the current string is written decoded
         self.started = False  # the value's first character was read
+        self.string = False  # the value is a string
         self.done = False
         self.failed = False
-        self.rest = ""
+        self.pending = ""
 
     def take(self) -> str:
         out = "".join(self._out)
@@ -133,7 +136,7 @@ class JsonValue:
 
     def _fail(self, text: str, pos: int) -> int:
         self.failed = True
-        self.rest = self._esc + self._buf + text[pos:]
+        self.pending = self._esc + self._buf
         self._buf = self._esc = ""
         return pos
 
@@ -182,6 +185,7 @@ class JsonValue:
             return pos + 1
         if ch == '"':
             self._kind = "str"
+            self.string = not self._stack
             self._strip = self._raw_top and not self._stack
             if not self._strip:
                 self._out.append('"')

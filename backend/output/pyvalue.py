@@ -48,8 +48,7 @@ _VALUE, _VALUE_OR_CLOSE, _COLON, _AFTER = range(4)
 
 class PyValue:
     """Feed text with `feed`, read the JSON output with `take`; `done`,
-    `failed` and `rest` as in `JsonValue`. `newlines`: whether a newline
-    between tokens is whitespace (inside brackets Python allows it)."""
+    `failed` and `pending` as in `JsonValue`."""
 
     __slots__ = (
         "_buf",
@@ -66,7 +65,7 @@ class PyValue:
         "_string_closed",
         "done",
         "failed",
-        "rest",
+        "pending",
         "started",
     )
 
@@ -86,7 +85,7 @@ class PyValue:
         self.started = False
         self.done = False
         self.failed = False
-        self.rest = ""
+        self.pending = ""
 
     def take(self) -> str:
         out = "".join(self._outs[0])  # buffered elements wait until they are decided
@@ -133,13 +132,13 @@ class PyValue:
         self._outs[-1].append(s)
 
     def _fail(self, text: str, pos: int) -> int:
-        """`rest`: the model's text the output does not reflect yet."""
+        """`feed` returns where; `pending`: what was read before and not written."""
         self.failed = True
         if len(self._outs) > 1:
-            self.rest = self._src + text[self._step :]
+            self.pending = self._src + text[self._step : pos]
             self._outs = self._outs[:1]
         else:
-            self.rest = self._buf + text[pos:]
+            self.pending = self._buf
         self._buf = self._src = ""
         return pos
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from backend.errors import BackendError, InvalidArgument
 from backend.gen import backend_pb2 as pb
 from backend.load_options import build_load_plan, split_option
-from backend.parsing import OutputState, merge
+from backend.output.state import OutputState, merge
 from backend.prompts import (
     ROLES,
     chat_input,
@@ -31,7 +31,7 @@ from backend.prompts import (
     template_kwargs,
 )
 from backend.replies import ChatPiece, ToolCallPiece
-from backend.sampling import sampling_kwargs
+from backend.request import sampling_of as sampling_kwargs
 
 pytestmark = pytest.mark.reliability
 
@@ -479,7 +479,7 @@ class EchoParser:
 @example(deltas=[(" ", [1]), ("\n", [2]), ("", [3])])
 @example(deltas=[("<think>", [900, 900])])
 def test_output_state_with_an_echo_parser_loses_no_text(deltas):
-    state = OutputState(EchoParser(), request=None, markers=MARKERS)
+    state = OutputState(EchoParser, request=None, markers=MARKERS)
     got = ""
     for i, (t, ids) in enumerate(deltas):
         got += state.feed(t, ids, finished=i == len(deltas) - 1).content
@@ -521,9 +521,13 @@ fake_delta = st.none() | st.builds(
 
 
 class ScriptedParser:
-    """Returns whatever the test scripted, whatever it is fed."""
+    """Returns whatever the test scripted, whatever it is fed: vLLM's engine-path
+    parsers' deltas go out as they come, so whatever they hold is what the
+    worker must survive."""
 
     reasoning_parser = None
+    tool_parser = SimpleNamespace(engine_based_streaming=True, supports_required_and_named=False)
+    _engine_based = True
 
     def __init__(self, script):
         self._script = list(script)
@@ -542,21 +546,29 @@ def test_output_state_survives_any_parser_output(deltas, script):
     """Whatever a parser returns for a delta (None, partial calls, calls with no
     id or name), OutputState answers with a ChatPiece whose calls have a valid
     index and string fields, and the whole-text parse still works."""
-    state = OutputState(ScriptedParser(script), request=None, markers=MARKERS)
+    request = SimpleNamespace(tools=[{}], tool_choice="auto")
+
+    def new():
+        return ScriptedParser(script)
+
+    state = OutputState(new, request=request, markers=MARKERS)
+    assert state.path == "engine"
     for i, (t, ids) in enumerate(deltas):
         piece = state.feed(t, ids, finished=i == len(deltas) - 1)
         assert isinstance(piece, ChatPiece)
         for call in piece.tool_calls:
             assert isinstance(call.index, int) and call.index >= 0
             assert isinstance(call.name, str) and isinstance(call.arguments, str)
-    whole = state.parse_whole("".join(t for t, _ in deltas), [])
+    whole = OutputState(new, request, markers=MARKERS).parse_whole(
+        "".join(t for t, _ in deltas), []
+    )
     assert whole.tool_calls and whole.tool_calls[0].id.startswith("chatcmpl-tool-")
 
 
 @PROPS
 @given(deltas=engine_deltas())
 def test_split_markers_covers_the_text_and_the_ids(deltas):
-    state = OutputState(EchoParser(), request=None, markers=MARKERS)
+    state = OutputState(EchoParser, request=None, markers=MARKERS)
     for t, ids in deltas:
         parts = state._split_markers(t, ids)
         assert [i for _, part in parts for i in part] == list(ids), "no id lost or repeated"
@@ -614,7 +626,7 @@ def test_merge_concatenates_fields_and_keeps_each_calls_arguments(seq):
     ],
 )
 def test_text_before_a_marker_is_not_dropped(text, ids):
-    state = OutputState(EchoParser(), request=None, markers=MARKERS)
+    state = OutputState(EchoParser, request=None, markers=MARKERS)
     assert state.feed(text, ids, finished=True).content == text
 
 

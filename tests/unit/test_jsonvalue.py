@@ -151,8 +151,9 @@ def test_text_that_stops_being_json_fails_where_it_stops(text, out, rest):
     value = JsonValue()
     value.feed(text)
     assert value.failed and not value.done
+    end = len(text) - len(rest) + len(value.pending)
     assert value.take() == out
-    assert value.rest == rest
+    assert value.pending + text[end:] == rest
     with pytest.raises(json.JSONDecodeError):
         json.loads(text)
 

@@ -4,7 +4,7 @@ import io
 import pytest
 
 from backend.errors import InvalidArgument
-from backend.media import attach_to_last_user, content_parts, multi_modal_data
+from backend.media import content_parts, multi_modal_data, with_media
 
 
 def _png() -> str:
@@ -22,13 +22,15 @@ def test_media_become_content_parts_on_the_last_user_message():
         {"role": "user", "content": "what is this?"},
     ]
     wav = base64.b64encode(b"RIFF....WAVEfmt ").decode()
-    attach_to_last_user(messages, [_png()], [], [wav])
-    parts = messages[2]["content"]
+    before = [dict(m) for m in messages]
+    out = with_media(messages, [_png()], [], [wav])
+    assert messages == before, "the request's messages are not changed"
+    parts = out[2]["content"]
     assert parts[0] == {"type": "text", "text": "what is this?"}
     assert parts[1]["type"] == "image_url"
     assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
     assert parts[2] == {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}
-    assert messages[0]["content"] == "first"
+    assert out[0]["content"] == "first" and out[1] == messages[1]
 
 
 def test_data_urls_are_accepted():
@@ -51,7 +53,7 @@ def test_bad_images_are_rejected_naming_the_item(images, fragment):
 
 def test_media_without_a_user_message_is_an_error():
     with pytest.raises(InvalidArgument, match="no user message"):
-        attach_to_last_user([{"role": "system", "content": "s"}], [_png()], [], [])
+        with_media([{"role": "system", "content": "s"}], [_png()], [], [])
 
 
 def test_raw_prompt_images_are_decoded_for_the_engine():

@@ -150,5 +150,31 @@ def test_thinking_flag_and_template_kwargs_from_metadata():
 
 
 def test_chat_input_keeps_tools_and_choice_together():
-    ci = chat_input(Req([Msg("user", "hi")], Tools=json.dumps(TOOLS), ToolChoice="none"))
+    ci = chat_input([Msg("user", "hi")], json.dumps(TOOLS), "none", {})
     assert ci.tools == TOOLS and ci.tool_choice.mode == "none"
+
+
+def test_a_predict_request_is_decoded_once_into_a_frozen_value():
+    from backend.gen import backend_pb2 as pb
+    from backend.request import GenerationRequest
+
+    request = pb.PredictOptions(
+        UseTokenizerTemplate=True,
+        Messages=[pb.Message(role="user", content="hi")],
+        Tools=json.dumps(TOOLS),
+        ToolChoice="none",
+        Grammar='{"type": "object"}',
+        TopLogprobs=2,
+        Tokens=5,
+        Metadata={"lora_adapter": " b "},
+        ModelIdentity="m",
+    )
+    req = GenerationRequest.from_proto(request, stream=True)
+    assert req.chat is not None and req.chat.tools == TOOLS and req.prompt == ""
+    assert req.structured_outputs == {"json": {"type": "object"}}
+    assert "structured_outputs" not in req.sampling and req.sampling["max_tokens"] == 5
+    assert (req.top_logprobs, req.lora, req.identity, req.stream) == (2, "b", "m", True)
+    with pytest.raises(AttributeError):
+        req.prompt = "x"  # type: ignore[misc]
+    with pytest.raises(InvalidArgument, match="Prompt is empty"):
+        GenerationRequest.from_proto(pb.PredictOptions(), stream=False)

@@ -110,7 +110,7 @@ def _feed(text: str, cuts: list[int]):
     value, out, steps, last = PyValue(), [], [], 0
     for cut in [*cuts, len(text)]:
         value.feed(text[last:cut])
-        assert not value.failed, (text, value.rest)
+        assert not value.failed, (text, value.pending)
         out.append(value.take())
         steps.append("".join(out))
         last = cut

@@ -3,7 +3,8 @@ import math
 import pytest
 
 from backend.errors import InvalidArgument
-from backend.sampling import parse_logit_bias, sampling_kwargs, structured_output
+from backend.request import sampling_of as sampling_kwargs
+from backend.sampling import parse_logit_bias, structured_output
 from tests.unit.fakes import FakePredict
 
 

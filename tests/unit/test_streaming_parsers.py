@@ -8,11 +8,12 @@ and 8 tokens and decoding the text each chunk adds, as vLLM's detokenizer does
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import vllm  # noqa: F401  (explicit: these tests use vLLM's real parsers)
 
-from backend.parsing import OutputState
+from backend.output.state import OutputState
 from tests.stream_driver import added_markers, parser_class, stream
 
 WEATHER = {
@@ -60,17 +61,22 @@ def request_():
     )
 
 
+def _state(cls, tokenizer, req):
+    def new():
+        return cls(tokenizer, req.tools, chat_template_kwargs={}, model_config=None)
+
+    prompt = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    return OutputState(new, req, markers=added_markers(tokenizer), prompt_token_ids=prompt)
+
+
 def _stream(cls, tokenizer, req, text, size):
-    parser = cls(tokenizer, req.tools, chat_template_kwargs={}, model_config=None)
-    state = OutputState(parser, req, markers=added_markers(tokenizer))
-    state.prompt_token_ids = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
-    return stream(state, tokenizer, tokenizer.encode(text, add_special_tokens=False), size)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return stream(_state(cls, tokenizer, req), tokenizer, ids, size)
 
 
 def _whole(cls, tokenizer, req, text):
-    state = OutputState(cls(tokenizer, req.tools, chat_template_kwargs={}, model_config=None), req)
-    piece = state.parse_whole(text, tokenizer.encode(text, add_special_tokens=False))
-    return piece
+    state = _state(cls, tokenizer, req)
+    return state.parse_whole(text, tokenizer.encode(text, add_special_tokens=False))
 
 
 @pytest.mark.parametrize("parsers", [("hermes", "qwen3"), ("hermes", "deepseek_r1")])
@@ -106,20 +112,18 @@ def test_known_results_of_the_forced_texts(tokenizer, request_):
 
 
 def test_without_a_parser_everything_is_content(tokenizer):
-    state = OutputState(None, None)
-    assert state.feed("<think>a</think>", [1]).content == "<think>a</think>"
-    assert state.parse_whole("x<tool_call>", [1]).content == "x<tool_call>"
+    assert OutputState(None, None).feed("<think>a</think>", [1]).content == "<think>a</think>"
+    assert OutputState(None, None).parse_whole("x<tool_call>", [1]).content == "x<tool_call>"
 
 
 class _DisagreeingParser:
-    """Streams content the whole-text parse does not have (a format no rule foresaw)."""
+    """An engine-path parser whose stream has content its whole-text parse has not."""
 
-    tool_parser = None
+    tool_parser = SimpleNamespace(engine_based_streaming=True, supports_required_and_named=False)
     reasoning_parser = None
+    _engine_based = True
 
     def parse_delta(self, *, delta_text, **kwargs):
-        from types import SimpleNamespace
-
         return SimpleNamespace(content=delta_text, reasoning=None, tool_calls=None)
 
     def parse(self, text, request, **kwargs):
@@ -127,10 +131,12 @@ class _DisagreeingParser:
 
 
 def test_a_stream_that_diverged_from_the_whole_text_parse_is_logged(caplog):
-    state = OutputState(_DisagreeingParser(), None)
+    request = SimpleNamespace(tools=[WEATHER], tool_choice="auto")
+    state = OutputState(_DisagreeingParser, request)
+    assert state.path == "engine"
     assert state.feed("ab", [1]).content == "ab"
-    assert state.feed("c ", [2]).content == "c"
-    with caplog.at_level("WARNING", logger="backend.parsing"):
+    assert state.feed("c", [2]).content == "c"
+    with caplog.at_level("WARNING", logger="backend.output.state"):
         last = state.feed("d", [3], finished=True)
     # "abc" was sent; the whole-text result is "abXY": the rest after the
     # common prefix "ab" is sent, and the divergence is logged.
@@ -138,19 +144,23 @@ def test_a_stream_that_diverged_from_the_whole_text_parse_is_logged(caplog):
     assert "streamed content differs from the whole-text parse after 2 characters" in caplog.text
 
 
-def test_tool_calls_are_sent_whole_with_the_last_piece(tokenizer, request_):
+def test_a_hermes_call_streams_its_name_then_its_arguments_as_they_are_generated(
+    tokenizer, request_
+):
     cls = parser_class(tokenizer, "hermes", "qwen3")
-    markers = added_markers(tokenizer)
-    new = lambda: cls(tokenizer, request_.tools, chat_template_kwargs={}, model_config=None)  # noqa: E731
-    state = OutputState(new(), request_, markers=markers, whole_parser=new())
+    state = _state(cls, tokenizer, request_)
     text = TEXTS["reasoning, text, call"]
     ids = tokenizer.encode(text, add_special_tokens=False)
     pieces = [
         state.feed(tokenizer.decode([i]), [i], finished=n == len(ids) - 1)
         for n, i in enumerate(ids)
     ]
-    assert not any(p.tool_calls for p in pieces[:-1]), "no call before the end of generation"
-    assert "".join(p.reasoning for p in pieces[:-1]) == "\nhm\n", "reasoning streams as it comes"
-    assert "".join(p.content for p in pieces[:-1]).startswith("\n\nLet me check.")
-    (call,) = pieces[-1].tool_calls
-    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})
+    assert "".join(p.reasoning for p in pieces) == "\nhm\n", "reasoning streams as it comes"
+    assert "".join(p.content for p in pieces) == "\n\nLet me check.\n\n"
+    named = [n for n, p in enumerate(pieces) for c in p.tool_calls if c.name]
+    assert len(named) == 1 and named[0] < len(pieces) - 5, "the name goes out once, early"
+    (call,) = pieces[named[0]].tool_calls
+    assert call.name == "get_weather" and call.id.startswith("chatcmpl-tool-")
+    fragments = [c.arguments for p in pieces[named[0] :] for c in p.tool_calls if c.arguments]
+    assert len(fragments) > 3, f"arguments stream in fragments: {fragments}"
+    assert "".join(fragments) == '{"city": "Paris"}'
