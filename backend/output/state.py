@@ -190,11 +190,20 @@ class OutputState:
         reasoning_parser = getattr(parser, "reasoning_parser", None)
         self._has_reasoning = reasoning_parser is not None
         self._reasoning_markers = reasoning_markers(reasoning_parser)
+        self._reasoning_marker_list = tuple(self._reasoning_markers)
+        self._reasoning_start = getattr(reasoning_parser, "reasoning_start_str", None) or ""
         # vLLM's engine parsers strip the reasoning's trailing whitespace unless
         # their format says not to (qwen3 keeps it).
         engine = getattr(reasoning_parser, "_parser_engine", None)
         config = getattr(engine, "parser_engine_config", None)
         self._strips_reasoning = bool(getattr(config, "strip_trailing_reasoning_whitespace", False))
+        # A legacy reasoning parser's whole-text split is a string search: the
+        # stream follows it directly. vLLM's engine reasoning parsers run their
+        # whole engine over the text, too slow per delta: their streaming path
+        # is used until the content starts.
+        self._reasoning_by_split = self._has_reasoning and not getattr(
+            reasoning_parser, "engine_based_streaming", False
+        )
         # Whether the whole-text reasoning split already has content for the
         # text so far (content streamed after it cannot move back).
         self._content_confirmed = not self._has_reasoning
@@ -234,15 +243,18 @@ class OutputState:
             # was sent, whatever this delta's streamed pieces would say.
             return self._finish()
         if self.path == "scan" or self.path == "plain":
-            if self._has_reasoning:
+            if not self._has_reasoning or self._content_confirmed:
+                # After the reasoning, the content is the text as it comes.
+                piece, content = ChatPiece(), text
+            elif self._reasoning_by_split:
+                piece, content = self._split_so_far()
+            else:
                 streamed = self._parse_delta(text, token_ids)
                 self._sent_reasoning += streamed.reasoning
                 content = self._confirmed(streamed.content, whole=True)
                 more, self._more_reasoning = self._more_reasoning, ""
                 self._sent_reasoning += more
                 piece = ChatPiece(reasoning=streamed.reasoning + more)
-            else:
-                piece, content = ChatPiece(), text
             if self._scanner is None:
                 piece.content = content
             elif content:
@@ -287,6 +299,20 @@ class OutputState:
                 merge(streamed, part)
         return streamed
 
+    def _split_so_far(self) -> tuple[ChatPiece, str]:
+        """(reasoning piece, content) from the whole-text split of the text so
+        far: a legacy reasoning parser splits with a string search, cheap enough
+        to run on every delta until the content starts, and its split is the
+        unary result's, so what goes out is certain (markers never among it)."""
+        reasoning, content = self._whole_split("".join(self._chunks))
+        if content is None:
+            rest = self._reasoning_rest(reasoning or "")
+        else:
+            self._content_confirmed = True  # the reasoning is whole
+            rest = _after(self._sent_reasoning, reasoning or "")
+        self._sent_reasoning += rest
+        return ChatPiece(reasoning=rest), content or ""
+
     def _confirmed(self, content: str, *, whole: bool) -> str:
         """Content, once the whole-text reading agrees that content has begun.
 
@@ -303,7 +329,10 @@ class OutputState:
         self._pending += content
         if not self._pending:
             return ""
-        reasoning, so_far = self._whole_split()
+        text = "".join(self._chunks)
+        if _partial_marker(text, self._reasoning_marker_list):
+            return ""  # a reasoning marker may be starting: the split may still move
+        reasoning, so_far = self._whole_split(text)
         if so_far is None:
             if whole:
                 # The whole text has no content yet: what the streaming parser
@@ -322,15 +351,15 @@ class OutputState:
         if not reasoning.startswith(sent):
             return ""
         rest = reasoning[len(sent) :]
-        rest = rest[: len(rest) - _partial_marker(rest, tuple(self._reasoning_markers))]
+        rest = rest[: len(rest) - _partial_marker(rest, self._reasoning_marker_list)]
         return rest.rstrip() if self._strips_reasoning else rest
 
-    def _whole_split(self) -> tuple[str | None, str | None]:
+    def _whole_split(self, text: str) -> tuple[str | None, str | None]:
         extract = getattr(self._whole(), "extract_reasoning", None)
         if extract is None:
             return None, self._pending
-        reasoning, content = extract("".join(self._chunks), self.request)
-        return reasoning, content
+        reasoning, content = extract(text, self.request)
+        return _without_start(reasoning, self._reasoning_start), content
 
     def _whole(self) -> Any:
         return self._whole_parser
@@ -372,7 +401,7 @@ class OutputState:
         """The whole text's (reasoning, content), as vLLM's whole-text path splits them."""
         if not self._has_reasoning:
             return "", text
-        reasoning, content = self._whole().extract_reasoning(text, self.request)
+        reasoning, content = self._whole_split(text)
         return reasoning or "", content or ""
 
     def _parse(self, parser: Any, text: str) -> ChatPiece:
@@ -536,6 +565,18 @@ class Parsers:
         return OutputState(
             new, chat, logprobs=logprobs, markers=self.markers, prompt_token_ids=prompt_token_ids
         )
+
+
+def _without_start(reasoning: str | None, start: str) -> str | None:
+    """Reasoning without its opening marker: some whole-text splits (step3's)
+    keep it when the model wrote it, though it is markup, never reasoning."""
+    if reasoning and start and reasoning.startswith(start):
+        return reasoning[len(start) :]
+    return reasoning
+
+
+def _after(sent: str, whole: str) -> str:
+    return whole[len(sent) :] if whole.startswith(sent) else ""
 
 
 def _common(a: str, b: str) -> int:

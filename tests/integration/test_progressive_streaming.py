@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 CLOSING = 3  # `"}}` of a call's arguments may wait for the end
 LONG_CITY = (
     "Paris, capitale de la France, sur la Seine; 2 102 650 habitants en 2023, "
-    "la Ville Lumi\u00e8re \u2014 \"city of light\" \u2014 and its 20 arrondissements"
+    'la Ville Lumi\u00e8re \u2014 "city of light" \u2014 and its 20 arrondissements'
 )
 
 
@@ -53,8 +53,10 @@ def test_a_long_tool_call_streams_its_arguments_as_they_are_generated(loaded):
     streamed = collect(replies)
     assert streamed.structured() == unary.structured()
     # the model wrote \u escapes; vLLM returns json.dumps(..., ensure_ascii=False)
-    assert streamed.calls[0].arguments == unary.calls[0].arguments == json.dumps(
-        args, ensure_ascii=False
+    assert (
+        streamed.calls[0].arguments
+        == unary.calls[0].arguments
+        == json.dumps(args, ensure_ascii=False)
     )
     before = collect(replies[:-1])
     call = before.calls.get(0)

@@ -24,13 +24,13 @@ from backend.load_options import build_load_plan, split_option
 from backend.output.state import OutputState, merge
 from backend.prompts import (
     ROLES,
-    chat_input,
     convert_messages,
     parse_tool_choice,
     parse_tools,
     template_kwargs,
 )
 from backend.replies import ChatPiece, ToolCallPiece
+from backend.request import GenerationRequest
 from backend.request import sampling_of as sampling_kwargs
 
 pytestmark = pytest.mark.reliability
@@ -373,10 +373,12 @@ def test_sampling_kwargs_are_in_range_or_invalid_argument(req):
 @PROPS
 @given(req=predict_options())
 def test_chat_input_gives_openai_messages_or_invalid_argument(req):
-    chat = _result_or_backend_error(chat_input, req)
-    if isinstance(chat, BackendError):
-        assert isinstance(chat, InvalidArgument)
+    req.UseTokenizerTemplate = True
+    decoded = _result_or_backend_error(lambda r: GenerationRequest.from_proto(r, stream=True), req)
+    if isinstance(decoded, BackendError):
+        assert isinstance(decoded, InvalidArgument)
         return
+    chat = decoded.chat
     assert chat.messages and all(m["role"] in ROLES for m in chat.messages)
     for m in chat.messages:
         for call in m.get("tool_calls", ()):
