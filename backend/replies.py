@@ -1,7 +1,8 @@
-"""Reply / ChatDelta / logprobs builders: engine results → protobuf messages.
+"""Reply / ChatDelta / logprobs / usage builders: engine results → protobuf messages.
 
-Rule for `Reply.message` vs `chat_deltas` (the gateway reads both, see
-wire-contract.md): `message` carries the *content* text only — what the end
+Rule for `Reply.message` vs `chat_deltas` (the gateway reads both: it shows
+`chat_deltas` when a Reply has them, else `message`): `message` carries the
+*content* text only — what the end
 user reads as the answer, never reasoning or tool-call markup — and when the
 request is a chat (or a parser is active) `chat_deltas` carry the same content
 plus reasoning and tool calls. So `message` always equals the concatenation

@@ -180,12 +180,13 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
 
     # ---- lifecycle ----------------------------------------------------------
 
+    @_unary
     async def Health(
         self, request: pb.HealthMessage, context: grpc.aio.ServicerContext
     ) -> pb.Reply:
         model = self.model
         if model is not None and model.engine.errored:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the vLLM engine died")
+            raise Unavailable("the vLLM engine died")
         return pb.Reply(message=b"OK")
 
     async def LoadModel(
