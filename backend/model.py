@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend import engine as eng
-from backend import lora, media, prompts, vllm_flags
+from backend import lora, media, model_imports, prompts, vllm_flags
 from backend.errors import FailedPrecondition, InvalidArgument
 from backend.gen import backend_pb2 as pb
 from backend.load_options import LoadPlan, build_load_plan, describe
@@ -102,6 +102,7 @@ class LoadedModel:
         # the (slow) engine start: an explicit one that cannot work fails
         # now, an automatic one that cannot is dropped with a warning.
         model_type, architectures, tokenizer = await asyncio.to_thread(model_family, plan)
+        await asyncio.to_thread(model_imports.check_importable, architectures)
         plan.parsers = choose_parsers(
             settings.tool_parser,
             settings.reasoning_parser,
@@ -198,7 +199,7 @@ class LoadedModel:
             raise InvalidArgument(
                 "Prompt is empty (set Prompt, or UseTokenizerTemplate with Messages)"
             )
-        mm_data = media.multi_modal_data(request.Images, request.Videos, request.Audios)
+        mm_data = await media.multi_modal_data(request, self.engine.media_limits())
         engine_input = await self.engine.render_prompt(request.Prompt, mm_data)
         self._clamp(kw, engine_input)
         params = eng.sampling_params(kw, stream=stream)
@@ -209,7 +210,7 @@ class LoadedModel:
         self, request: pb.PredictOptions, kw: dict[str, Any], stream: bool
     ) -> Prepared:
         chat = prompts.chat_input(request)
-        media.attach_to_last_user(chat.messages, request.Images, request.Videos, request.Audios)
+        await media.attach_to_last_user(chat.messages, request, self.engine.media_limits())
         body: dict[str, Any] = {
             "messages": chat.messages,
             "stream": stream,
