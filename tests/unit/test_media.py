@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
-import struct
 import threading
 import time
 import zlib
@@ -17,47 +15,9 @@ from PIL import Image
 
 from backend import media
 from backend.errors import InvalidArgument
+from tests.media_samples import b64, garbage_idat_png, half_transparent, png_with, truncated_jpeg
 
 LIMITS = {"image": 999}
-
-
-def b64(image: Image.Image, fmt: str = "PNG", **save: object) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **save)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-
-def png_with(width: int, height: int, idat: bytes) -> str:
-    """A PNG whose chunks are well formed (valid CRCs) around `idat`."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    raw = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat)
-    return base64.b64encode(raw + _chunk(b"IEND", b"")).decode()
-
-
-def garbage_idat_png() -> str:
-    """Issue 27's first defect: served as a black picture, since `verify()`
-    checks chunk CRCs and decodes no pixel."""
-    return png_with(16, 16, b"this is not zlib data at all")
-
-
-def truncated_jpeg(keep: float = 0.6) -> str:
-    """The first `keep` of a JPEG (issue 27's "image file is truncated")."""
-    noise = Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48)
-    full = base64.b64decode(b64(noise, "JPEG"))
-    return base64.b64encode(full[: int(len(full) * keep)]).decode()
-
-
-def half_transparent() -> Image.Image:
-    """Red at alpha 128 whose hidden RGB is black: dropping alpha gives black,
-    compositing onto white gives pink."""
-    img = Image.new("RGBA", (8, 8), (255, 0, 0, 128))
-    img.putpixel((0, 0), (0, 0, 0, 0))
-    return img
 
 
 def req(images=(), videos=(), audios=()):
