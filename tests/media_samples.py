@@ -58,3 +58,25 @@ def picture(width: int, height: int, seed: int = 0) -> Image.Image:
     pixels = np.stack([x * 255 // max(width, 1), y * 255 // max(height, 1), (x ^ y) & 255], -1)
     pixels = (pixels + rng.integers(0, 64, pixels.shape)) % 256
     return Image.fromarray(pixels.astype("uint8"))
+
+
+def mp4(frames: int = 8, size: int = 112, seed: int = 0) -> str:
+    """A small MPEG-4 video of random frames (OpenCV, a vLLM dependency), base64."""
+    import os
+    import tempfile
+
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    fd, path = tempfile.mkstemp(suffix=".mp4")
+    os.close(fd)
+    try:
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 4.0, (size, size))
+        for _ in range(frames):
+            writer.write(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+        writer.release()
+        with open(path, "rb") as f:
+            return base64.b64encode(f.read()).decode()
+    finally:
+        os.unlink(path)
