@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import io
 import statistics
+import sys
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -56,7 +57,12 @@ def engine_costs(repeats: int) -> dict[str, Any]:
     from tools.tiny_vlm import build_tiny_vlm, default_vlm_dir
 
     model_dir = build_tiny_vlm(default_vlm_dir("paddleocr"), "paddleocr")
-    worker = Worker()
+    # grpcio: the h2 transport (at this commit) stops reading a connection
+    # when a message larger than its remaining connection window arrives
+    # (reproduced in tests/integration/test_vision.py), which image-sized
+    # requests in sequence hit.
+    worker = Worker(args=["--transport", "grpcio"])
+    print(f"worker log: {worker.log_path}", file=sys.stderr)
     try:
         result = worker.stub.LoadModel(tiny_load_options(model_dir, MaxModelLen=4096), timeout=600)
         assert result.success, result.message
