@@ -28,7 +28,6 @@ releases the GIL while it decodes).
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import io
 from collections.abc import Callable, Mapping, Sequence
@@ -153,7 +152,8 @@ def _reason(e: BaseException) -> str:
 
 
 def check_counts(request: HasMedia, limits: Mapping[str, int]) -> None:
-    """More items than the model takes is INVALID_ARGUMENT before any is decoded.
+    """More items than the model takes is INVALID_ARGUMENT before any image's
+    pixels are decoded.
 
     `limits`: items per prompt the loaded model accepts, per vLLM modality
     (its supported modalities capped by Limit*PerPrompt); a missing modality
@@ -175,27 +175,32 @@ def check_counts(request: HasMedia, limits: Mapping[str, int]) -> None:
             )
 
 
-def _images(items: Sequence[str]) -> list[Image]:
+def _decoded(request: HasMedia, limits: Mapping[str, int]) -> list[Image]:
+    """A request's images, checked in this order: every item's base64 (cheap,
+    bounded by the message size), the counts against `limits`, then each
+    image's pixels within the request's budget."""
+    images = [decode(item, f"Images[{i}]") for i, item in enumerate(request.Images)]
+    for field in ("Videos", "Audios"):
+        for i, item in enumerate(getattr(request, field)):
+            decode(item, f"{field}[{i}]")
+    check_counts(request, limits)
     budget = PixelBudget()
-    return [
-        decode_image(decode(item, f"Images[{i}]"), f"Images[{i}]", budget)
-        for i, item in enumerate(items)
-    ]
+    return [decode_image(raw, f"Images[{i}]", budget) for i, raw in enumerate(images)]
 
 
-def _chat_parts(text: str, request: HasMedia) -> list[dict[str, Any]]:
-    """OpenAI-style content parts: the text, then the decoded images, then
-    videos and audios as vLLM decodes them (data URL / input_audio)."""
+def _chat_parts(text: str, request: HasMedia, limits: Mapping[str, int]) -> list[dict[str, Any]]:
+    """OpenAI-style content parts: the text, the decoded images, then videos
+    and audios as vLLM decodes them itself (data URL / input_audio)."""
+    images = _decoded(request, limits)
     parts: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
-    parts += [{"type": "image_pil", "image_pil": img} for img in _images(request.Images)]
-    for i, item in enumerate(request.Videos):
-        raw = decode(item, f"Videos[{i}]")
-        url = f"data:video/mp4;base64,{base64.b64encode(raw).decode()}"
+    parts += [{"type": "image_pil", "image_pil": img} for img in images]
+    for item in request.Videos:  # valid base64: checked by _decoded
+        url = f"data:video/mp4;base64,{_strip_data_url(item)}"
         parts.append({"type": "video_url", "video_url": {"url": url}})
-    for i, item in enumerate(request.Audios):
-        raw = decode(item, f"Audios[{i}]")
-        fmt = next((f for magic, f in _AUDIO_MAGIC if raw.startswith(magic)), "wav")
-        data = base64.b64encode(raw).decode()
+    for item in request.Audios:
+        data = _strip_data_url(item)
+        head = pybase64.b64decode(data[:8])
+        fmt = next((f for magic, f in _AUDIO_MAGIC if head.startswith(magic)), "wav")
         parts.append({"type": "input_audio", "input_audio": {"data": data, "format": fmt}})
     return parts
 
@@ -213,11 +218,10 @@ async def attach_to_last_user(
     """Chat path: the request's media become content parts of the last user message."""
     if not (request.Images or request.Videos or request.Audios):
         return
-    check_counts(request, limits)
     for message in reversed(messages):
         if message["role"] == "user":
             text: str = message.get("content") or ""
-            message["content"] = await _off_loop(partial(_chat_parts, text, request))
+            message["content"] = await _off_loop(partial(_chat_parts, text, request, limits))
             return
     raise InvalidArgument(
         "Images/Videos/Audios were given but Messages has no user message to carry them"
@@ -232,8 +236,7 @@ async def multi_modal_data(request: HasMedia, limits: Mapping[str, int]) -> dict
         )
     if not request.Images:
         return {}
-    check_counts(request, limits)
-    return {"image": await _off_loop(partial(_images, request.Images))}
+    return {"image": await _off_loop(partial(_decoded, request, limits))}
 
 
 def processor_error(

@@ -5,9 +5,9 @@ import, logs the traceback and raises only "Model architectures [...] failed
 to be inspected. Please check the logs" (`registry._try_inspect_model_cls`).
 The cause is nearly always a missing optional package: in the CPU profile
 without PyTorch's CPU index, torchvision (PyPI's build links CUDA torch and
-cannot load next to torch+cpu, so install.sh removes it), which 58 of vLLM
-0.32's 112 multimodal model modules import (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
-LLaVA and its variants, InternVL, Gemma 3, Mistral 3 / Pixtral, Llama 4, ...).
+cannot load next to torch+cpu, so install.sh removes it), without which 61 of
+vLLM 0.32's 112 multimodal model modules do not import (Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL, LLaVA and its variants, InternVL, Gemma 3, Mistral 3 / Pixtral, ...).
 
 So before the engine starts, the module of each multimodal architecture is
 imported here, and a `ModuleNotFoundError` becomes a message naming the
