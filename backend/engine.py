@@ -28,6 +28,7 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.prometheus import unregister_vllm_metrics
 
+from backend import media
 from backend.engine_processes import (
     reap_children,
     remove_leftover_segments,
@@ -164,8 +165,29 @@ class Engine:
                 )
             prompt["multi_modal_data"] = mm_data
         parsed = parse_model_prompt(self.model_config, prompt)
-        (engine_input,) = await self.renderer.render_cmpl_async([parsed])
+        try:
+            (engine_input,) = await self.renderer.render_cmpl_async([parsed])
+        except (AssertionError, ValueError) as e:
+            images = (mm_data or {}).get("image", [])
+            mapped = media.processor_error(e, images, self.media_placeholder())
+            if mapped is None:
+                raise
+            raise mapped from None
         return engine_input
+
+    def media_limits(self) -> dict[str, int]:
+        """Items per prompt the model takes, per modality ({} for a text-only
+        model): what it supports, capped by Limit*PerPrompt, as vLLM's own
+        `validate_num_items` computes it."""
+        processor = self.renderer.mm_processor
+        if processor is None:
+            return {}
+        info = processor.info
+        limits = {}
+        for modality, supported in info.supported_mm_limits.items():
+            allowed = info.allowed_mm_limits.get(modality, 0)
+            limits[modality] = allowed if supported is None else min(supported, allowed)
+        return limits
 
     def online_renderer(
         self, chat_template: str | None, tool_parser: str | None, reasoning_parser: str | None
@@ -200,7 +222,15 @@ class Engine:
         except ValidationError as e:
             raise InvalidArgument(f"invalid chat request: {_pydantic_message(e)}") from None
         template_kwargs = online.effective_chat_template_kwargs(req)
-        result = await online.render_chat(req)
+        try:
+            result = await online.render_chat(req)
+        except (AssertionError, ValueError) as e:
+            mapped = media.processor_error(
+                e, media.images_in(body["messages"]), self.media_placeholder()
+            )
+            if mapped is None:
+                raise
+            raise mapped from None
         if isinstance(result, ErrorResponse):
             raise InvalidArgument(result.error.message)
         _, engine_inputs = result

@@ -16,7 +16,7 @@ import shutil
 from typing import Any
 
 from backend import engine as eng
-from backend import lora, vllm_flags
+from backend import lora, model_imports, vllm_flags
 from backend.gen import backend_pb2 as pb
 from backend.load_options import LoadPlan, build_load_plan, describe
 from backend.output.state import Parsers
@@ -77,6 +77,7 @@ class LoadedModel:
         # the (slow) engine start: an explicit one that cannot work fails
         # now, an automatic one that cannot is dropped with a warning.
         model_type, architectures, tokenizer = await asyncio.to_thread(model_family, plan)
+        await asyncio.to_thread(model_imports.check_importable, architectures)
         plan.parsers = choose_parsers(
             settings.tool_parser,
             settings.reasoning_parser,

@@ -41,7 +41,7 @@ async def render(model: LoadedModel, req: GenerationRequest) -> Rendered:
             "it cannot generate text"
         )
     if req.chat is None:
-        mm_data = media.multi_modal_data(req.images, req.videos, req.audios)
+        mm_data = await media.multi_modal_data(req, engine.media_limits())
         engine_input = await engine.render_prompt(req.prompt, mm_data)
         return Rendered(
             engine_input,
@@ -49,7 +49,7 @@ async def render(model: LoadedModel, req: GenerationRequest) -> Rendered:
             structured_outputs=req.structured_outputs,
         )
     chat = req.chat
-    messages = media.with_media(chat.messages, req.images, req.videos, req.audios)
+    messages = await media.with_media(chat.messages, req, engine.media_limits())
     body: dict[str, Any] = {
         "messages": messages,
         "stream": req.stream,
