@@ -14,7 +14,7 @@ completion's logprobs.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,3 +156,61 @@ def logprobs_json(entries: list[dict[str, Any]]) -> bytes:
     if not entries:
         return b""
     return json.dumps({"content": entries}, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# ---- pieces ---------------------------------------------------------------------
+
+
+def piece_from_delta(delta: Any) -> ChatPiece:
+    """vLLM `DeltaMessage` (content, reasoning, tool_calls) → ChatPiece."""
+    piece = ChatPiece(content=delta.content or "", reasoning=delta.reasoning or "")
+    for call in delta.tool_calls or ():
+        fn = call.function
+        piece.tool_calls.append(
+            ToolCallPiece(
+                index=call.index,
+                id=call.id or "",
+                name=(fn.name or "") if fn is not None else "",
+                arguments=(fn.arguments or "") if fn is not None else "",
+            )
+        )
+    return piece
+
+
+def merge(into: ChatPiece, more: ChatPiece) -> ChatPiece:
+    """Append `more` to `into` (streamed pieces of one Reply)."""
+    into.content += more.content
+    into.reasoning += more.reasoning
+    for call in more.tool_calls:
+        last = into.tool_calls[-1] if into.tool_calls else None
+        if last is not None and last.index == call.index and not call.name:
+            last.arguments += call.arguments
+        else:
+            into.tool_calls.append(call)
+    return into
+
+
+@dataclass
+class LogprobsSink:
+    """Collects OpenAI logprob entries: per chunk, and for the whole completion."""
+
+    top_n: int
+    decode: Callable[[int], str]
+
+    def __post_init__(self) -> None:
+        self.all: list[dict[str, Any]] = []
+        self.chunk: list[dict[str, Any]] = []
+
+    def add(self, token_ids: Sequence[int], positions: Any) -> None:
+        if positions is None:
+            return
+        entries = logprob_entries(token_ids, positions, self.top_n, self.decode)
+        self.chunk.extend(entries)
+        self.all.extend(entries)
+
+    def take_chunk(self) -> bytes:
+        out, self.chunk = logprobs_json(self.chunk), []
+        return out
+
+    def whole(self) -> bytes:
+        return logprobs_json(self.all)

@@ -30,122 +30,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from backend.output.calls import FORMATS, REQUIRED, CallFormat, CallScanner, named
-from backend.output.calls import new_tool_call_id as new_tool_call_id
-from backend.output.calls import partial_marker as _partial_marker
-from backend.replies import ChatPiece, ToolCallPiece, logprob_entries, logprobs_json
+from backend.output.bodies import new_tool_call_id
+from backend.output.bodies import partial_marker as _partial_marker
+from backend.output.calls import CallScanner
+from backend.output.formats import CALL_MARKERS, call_format, reasoning_markers
+from backend.replies import ChatPiece, LogprobsSink, ToolCallPiece, merge, piece_from_delta
 
 log = logging.getLogger(__name__)
-
-
-def piece_from_delta(delta: Any) -> ChatPiece:
-    """vLLM `DeltaMessage` (content, reasoning, tool_calls) → ChatPiece."""
-    piece = ChatPiece(content=delta.content or "", reasoning=delta.reasoning or "")
-    for call in delta.tool_calls or ():
-        fn = call.function
-        piece.tool_calls.append(
-            ToolCallPiece(
-                index=call.index,
-                id=call.id or "",
-                name=(fn.name or "") if fn is not None else "",
-                arguments=(fn.arguments or "") if fn is not None else "",
-            )
-        )
-    return piece
-
-
-def merge(into: ChatPiece, more: ChatPiece) -> ChatPiece:
-    """Append `more` to `into` (streamed pieces of one Reply)."""
-    into.content += more.content
-    into.reasoning += more.reasoning
-    for call in more.tool_calls:
-        last = into.tool_calls[-1] if into.tool_calls else None
-        if last is not None and last.index == call.index and not call.name:
-            last.arguments += call.arguments
-        else:
-            into.tool_calls.append(call)
-    return into
-
-
-@dataclass
-class LogprobsSink:
-    """Collects OpenAI logprob entries: per chunk, and for the whole completion."""
-
-    top_n: int
-    decode: Callable[[int], str]
-
-    def __post_init__(self) -> None:
-        self.all: list[dict[str, Any]] = []
-        self.chunk: list[dict[str, Any]] = []
-
-    def add(self, token_ids: Sequence[int], positions: Any) -> None:
-        if positions is None:
-            return
-        entries = logprob_entries(token_ids, positions, self.top_n, self.decode)
-        self.chunk.extend(entries)
-        self.all.extend(entries)
-
-    def take_chunk(self) -> bytes:
-        out, self.chunk = logprobs_json(self.chunk), []
-        return out
-
-    def whole(self) -> bytes:
-        return logprobs_json(self.all)
-
-
-# Held path: text that starts a tool call in a format no scanner reads; content
-# stops at the first of these, and a suffix that may begin one waits.
-CALL_MARKERS: tuple[str, ...] = (
-    "<tool_call>",
-    "<|tool_call|>",
-    "<|python_tag|>",
-    "[TOOL_CALLS]",
-    "functools[",
-    "<function=",
-    "<\uff5ctool\u2581calls\u2581begin\uff5c>",
-    "<\uff5ctool\u2581call\u2581begin\uff5c>",
-    "```",
-    "<|start|>",
-    "<start_function_call>",
-)
-
-
-def call_format(
-    tool_parser: Any, request: Any, *, engine_streams: bool = False
-) -> tuple[str, CallFormat | None]:
-    """(path, format) for a request: "plain" (no tool parsing), "scan" with the
-    scanner's format, "engine" (vLLM's engine parser streams: `engine_streams`,
-    its reasoning parser, if any, is an engine one too) or "held"."""
-    if tool_parser is None or request is None:
-        return "plain", None
-    choice = getattr(request, "tool_choice", None)
-    if choice == "none" or not getattr(request, "tools", None):
-        return "plain", None
-    if getattr(tool_parser, "supports_required_and_named", True):
-        function = getattr(choice, "function", None)
-        if function is not None and getattr(function, "name", None):
-            return "scan", named(function.name)
-        if choice == "required":
-            return "scan", REQUIRED
-    fmt = FORMATS.get(type(tool_parser).__name__)
-    if fmt is not None:
-        return "scan", fmt
-    if engine_streams:
-        return "engine", None
-    return "held", None
-
-
-def reasoning_markers(reasoning_parser: Any) -> frozenset[str]:
-    """The strings that open and close reasoning: never reasoning text themselves."""
-    found = set()
-    for attr in ("reasoning_start_str", "reasoning_end_str", "start_token", "end_token"):
-        try:
-            value = getattr(reasoning_parser, attr, None)
-        except (ValueError, AttributeError, NotImplementedError):
-            continue
-        if isinstance(value, str) and value:
-            found.add(value)
-    return frozenset(found)
 
 
 class OutputState:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from backend.errors import BackendError, InvalidArgument
 from backend.gen import backend_pb2 as pb
 from backend.load_options import build_load_plan, split_option
-from backend.output.state import OutputState, merge
+from backend.output.state import OutputState
 from backend.prompts import (
     ROLES,
     convert_messages,
@@ -29,7 +29,7 @@ from backend.prompts import (
     parse_tools,
     template_kwargs,
 )
-from backend.replies import ChatPiece, ToolCallPiece
+from backend.replies import ChatPiece, ToolCallPiece, merge
 from backend.request import GenerationRequest
 from backend.request import sampling_of as sampling_kwargs
 
