@@ -32,9 +32,20 @@ Handlers keep grpc.aio's signature `(request, context)`: `context.write`,
 `context.abort(grpc.StatusCode, details)`, `context.invocation_metadata()`,
 `context.cancelled()`, `context.peer()`, `context.time_remaining()`.
 
-The modules: frames (wire format), calls (a call as its handler sees it),
-connection (frames in, stream states, limits), inflow (request windows),
-sending (frames out), liveness (a connection's timers), server.
+The modules, in layers: each imports only those before it
+(tests/unit/test_h2_layers.py checks it); what a lower one must call upward is
+handed to it as a callback or a small Protocol.
+  frames      wire format: constants, frames, the header blocks we send, gRPC statuses
+  stream      one stream's state; only its own methods change it
+  flood       flood accounting: control frames, earned WINDOW_UPDATE credit
+  inflow      request bytes in: the windows we grant, what we hold
+  outflow     frames out: one write per loop turn, the peer's windows
+  headers     header blocks in: CONTINUATION, HPACK decoding and its limits
+  liveness    a connection's timers: handshake, keepalive, PING ACKs, idle
+  connection  one HTTP/2 connection: frames in, stream states, ending streams
+  messages    a request message checked, decompressed and decoded
+  calls       a gRPC call: method table, context, the handler run to its status
+  server      settings, listeners, the connection cap, graceful stop; wires the rest
 """
 
 from backend.h2grpc.calls import AbortError, Context, Method, methods_of

@@ -1,5 +1,6 @@
 """The server: its settings, the listening sockets, the connection cap, and a
-graceful stop."""
+graceful stop. The top layer: it wires a `calls.Dispatcher` into every
+`connection.Connection` it accepts."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import asyncio
 import logging
 import time
 
-from backend.h2grpc import calls
-from backend.h2grpc.calls import Method, Stream
+from backend.h2grpc.calls import Dispatcher, Method
 from backend.h2grpc.connection import Connection
+from backend.h2grpc.frames import Status
 from backend.h2grpc.inflow import RECV_WINDOW, RequestBytes
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,7 @@ class Server:
         auth_exempt: tuple[str, ...] = (),
     ) -> None:
         self.methods = methods
-        self.auth = f"Bearer {auth_token}".encode() if auth_token else None
-        # Path prefixes served without the token (the standard health service).
-        self.auth_exempt = tuple(p.encode() for p in auth_exempt)
+        self.calls = Dispatcher(methods, max_message_bytes, auth_token, auth_exempt)
         self.max_message_bytes = max_message_bytes
         # Request bytes one connection may hold in unfinished calls, and all
         # connections together (inflow.py).
@@ -84,7 +83,10 @@ class Server:
         self.connections: set[Connection] = set()
         self.listeners: list[asyncio.Server] = []
         self.stopping = False
-        self.tasks: dict[asyncio.Task[None], Stream] = {}
+
+    def release(self, conn: Connection) -> None:
+        """The connection is gone."""
+        self.connections.discard(conn)
 
     def admit(self, conn: Connection) -> bool:
         """Count a new connection in, unless the cap is reached."""
@@ -128,12 +130,13 @@ class Server:
             listener.close()
         for conn in list(self.connections):
             conn.goaway()
-        if self.tasks:
-            _, late = await asyncio.wait(list(self.tasks), timeout=grace)
+        tasks = self.calls.tasks
+        if tasks:
+            _, late = await asyncio.wait(list(tasks), timeout=grace)
             for task in late:
-                stream = self.tasks.get(task)
-                if stream is not None:
-                    calls.cancel(stream, (14, "Cancelling all calls"))
+                call = tasks.get(task)
+                if call is not None:
+                    call.cancel(Status.UNAVAILABLE, "Cancelling all calls")
             if late:
                 await asyncio.wait(late, timeout=5.0)
         for conn in list(self.connections):
