@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 # Served without the token: Kubernetes' gRPC probes and load balancers cannot
 # send one, and it tells no more than SERVING / NOT_SERVING.
 AUTH_EXEMPT = ("/grpc.health.v1.Health/",)
+# Calls that may run as long as the client likes without being work: on h2 they
+# do not keep a connection from being evicted when the connection cap is
+# reached (else a token-less peer holding a Watch on every connection would
+# keep the gateway out).
+IDLE_CALLS = ("/grpc.health.v1.Health/Watch",)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -225,6 +230,7 @@ class H2Server:
             idle_timeout=config.idle_connection_s,
             max_connections=config.max_connections,
             auth_exempt=AUTH_EXEMPT,
+            idle_calls=IDLE_CALLS,
         )
         self.addr = config.addr
 

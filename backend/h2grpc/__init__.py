@@ -40,9 +40,11 @@ handed to it as a callback or a small Protocol.
   flood       flood accounting: control frames, earned WINDOW_UPDATE credit
   inflow      request bytes in: the windows we grant, what we hold
   outflow     frames out: one write per loop turn, the peer's windows
+  pace        how long one loop turn may spend handling frames, all connections
   headers     header blocks in: CONTINUATION, HPACK decoding and its limits
   liveness    a connection's timers: handshake, keepalive, PING ACKs, idle
-  connection  one HTTP/2 connection: frames in, stream states, ending streams
+  streams     a connection's stream table: opening (limits), calls running, ending
+  connection  one HTTP/2 connection: frames in at a bounded pace, GOAWAY, eviction
   messages    a request message checked, decompressed and decoded
   calls       a gRPC call: method table, context, the handler run to its status
   server      settings, listeners, the connection cap, graceful stop; wires the rest

@@ -23,8 +23,15 @@ import grpc
 from google.protobuf.message import Message
 
 from backend.h2grpc.connection import Connection
-from backend.h2grpc.frames import CONTENT_TYPE, GRPC_PREFIX, PROTOCOL_ERROR, Status, parse_timeout
-from backend.h2grpc.messages import CallError, decode_request
+from backend.h2grpc.frames import (
+    CONTENT_TYPE,
+    GRPC_PREFIX,
+    PROTOCOL_ERROR,
+    ConnectionLevelError,
+    Status,
+    parse_timeout,
+)
+from backend.h2grpc.messages import Bomb, CallError, inflate, parse, unframe
 from backend.h2grpc.stream import Stream
 
 log = logging.getLogger(__name__)
@@ -122,7 +129,7 @@ class Call:
         if not self.stream.done:
             self.cancel(Status.DEADLINE_EXCEEDED, "Deadline Exceeded")
             if self.task is None:
-                self.conn.finish(self.stream, Status.DEADLINE_EXCEEDED, "Deadline Exceeded")
+                self.conn.streams.finish(self.stream, Status.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
     def _stop_timer(self) -> None:
         if self.timer is not None:
@@ -185,28 +192,33 @@ class Dispatcher:
         max_message_bytes: int,
         auth_token: str | None = None,
         auth_exempt: tuple[str, ...] = (),
+        idle_calls: tuple[str, ...] = (),
     ) -> None:
         self.methods = methods
+        # Paths whose calls may run forever without being work (health
+        # watches): they do not keep a connection from eviction at the cap.
+        self.idle_calls = frozenset(idle_calls)
         self.max_message_bytes = max_message_bytes
         self.auth = f"Bearer {auth_token}".encode() if auth_token else None
         # Path prefixes served without the token (the standard health service).
         self.auth_exempt = tuple(p.encode() for p in auth_exempt)
         self.tasks: dict[asyncio.Task[None], Call] = {}
+        self.inflating = asyncio.Lock()  # one decompression step at a time (messages.py)
 
     def opened(self, conn: Connection, stream: Stream) -> None:
         """Validate the request headers; errors end the stream at once."""
         call = Call(conn, stream)
-        stream.attach(call)
+        stream.attach(call, keeps_busy=not self.idle_calls or _path(stream) not in self.idle_calls)
         try:
             call.method = self._check(call)
         except CallError as exc:
-            conn.finish(stream, exc.code, exc.details)
+            conn.streams.finish(stream, exc.code, exc.details)
             return
         except NotGrpc as exc:
             if exc.reset is not None:
-                conn.reset(stream, exc.reset)
+                conn.streams.reset(stream, exc.reset)
             else:  # RFC: answer 415 for a wrong content type
-                conn.refuse_not_grpc(stream)
+                conn.streams.refuse_not_grpc(stream)
             return
         if call.deadline is not None:
             delay = max(0.0, call.deadline - time.monotonic())
@@ -219,14 +231,13 @@ class Dispatcher:
             return
         target = call.method
         try:
-            body = conn.take_request(stream)  # the message is the handler's now
-            request = decode_request(
-                body, call.encoding, target.request_type, self.max_message_bytes
-            )
+            body = conn.streams.take_request(stream)  # the message is the handler's now
+            compressed, raw = unframe(body)
+            request = raw if compressed else parse(raw, target.request_type)
         except CallError as exc:
-            conn.finish(stream, exc.code, exc.details)
+            conn.streams.finish(stream, exc.code, exc.details)
             return
-        call.task = task = asyncio.get_running_loop().create_task(run(call, target, request))
+        call.task = task = asyncio.get_running_loop().create_task(run(call, target, request, self))
         # The loop keeps only weak references to tasks.
         self.tasks[task] = call
         task.add_done_callback(self.tasks.pop)
@@ -281,31 +292,55 @@ class Dispatcher:
         return target
 
 
-async def run(call: Call, target: Method, request: Message) -> None:
-    """The handler's task: run it and end the stream with its status."""
+async def run(call: Call, target: Method, request: Message | bytes, dispatcher: Dispatcher) -> None:
+    """The handler's task: run it and end the stream with its status. A
+    compressed request (bytes) is inflated here first, a step at a time."""
     conn = call.conn
     stream = call.stream
     context = Context(call)
     try:
+        if isinstance(request, bytes):
+            raw = await inflate(
+                request,
+                call.encoding,
+                target.request_type,
+                dispatcher.max_message_bytes,
+                dispatcher.inflating,
+            )
+            request = parse(raw, target.request_type)
         result = await target.handler(request, context)
         if stream.done:
             return
         if not target.streaming:
             if result is None:
-                conn.finish(stream, Status.INTERNAL, "the handler returned no reply")
+                conn.streams.finish(stream, Status.INTERNAL, "the handler returned no reply")
                 return
             data = result.SerializeToString()
             await conn.sender.send_message(stream, GRPC_PREFIX.pack(0, len(data)) + data)
-        conn.finish(stream, Status.OK, "")
+        conn.streams.finish(stream, Status.OK, "")
     except AbortError as exc:
-        conn.finish(stream, exc.code, exc.details)
+        conn.streams.finish(stream, exc.code, exc.details)
+    except CallError as exc:
+        conn.streams.finish(stream, exc.code, exc.details)
+        if isinstance(exc, Bomb):
+            try:
+                conn.flood.bomb()
+            except ConnectionLevelError as calm:
+                conn.fail(calm)
     except asyncio.CancelledError:
         if call.cancel_status is not None and not stream.done:
-            conn.finish(stream, *call.cancel_status)
+            conn.streams.finish(stream, *call.cancel_status)
         # else: the peer reset the stream or left; nobody to tell
     except Exception as exc:
         log.exception("unhandled error in %s", target.handler.__name__)
-        conn.finish(stream, Status.UNKNOWN, f"Unexpected {type(exc).__name__}")
+        conn.streams.finish(stream, Status.UNKNOWN, f"Unexpected {type(exc).__name__}")
+
+
+def _path(stream: Stream) -> str:
+    for key, value in stream.headers:
+        if key == b":path":
+            return value.decode("latin-1")
+    return ""
 
 
 def _current() -> asyncio.Task[Any] | None:

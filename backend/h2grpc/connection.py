@@ -1,16 +1,16 @@
-"""One client connection: HTTP/2 frames in, the RFC 9113 stream states, the
-limits that keep a peer from taking more than its share, and ending streams.
+"""One client connection: HTTP/2 frames in, read at a bounded pace, handed
+to the layers below (flow control, header blocks, the stream table), and the
+connection's own end (GOAWAY, linger, eviction).
 
-What leaves is outflow.py's, request windows inflow.py's, flood accounting
-flood.py's, the connection's timers liveness.py's. What a stream carries (a
-gRPC call) is the layer above's: the connection tells it, through `CallEvents`,
-that a request's headers came and that the request is complete; it tells the
-connection how to end the stream (`finish`, `reset`, `refuse_not_grpc`).
+What a stream carries (a gRPC call) is the layer above's: the connection tells
+it, through `CallEvents`, that a request's headers came and that the request is
+complete; the call ends its stream through `streams` (streams.Streams).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -22,7 +22,6 @@ from backend.h2grpc.frames import (
     CONTINUATION,
     DATA,
     DEFAULT_WINDOW,
-    END_HEADERS,
     END_STREAM,
     ENHANCE_YOUR_CALM,
     ERROR_NAMES,
@@ -36,27 +35,29 @@ from backend.h2grpc.frames import (
     PRIORITY,
     PROTOCOL_ERROR,
     PUSH_PROMISE,
-    REFUSED_STREAM,
     RST_STREAM,
     SETTINGS,
-    STATUS_415,
     STREAM_CLOSED,
     WINDOW_UPDATE,
     ConnectionLevelError,
     FrameReader,
-    Status,
     frame,
     goaway,
-    rst_stream,
     settings_frame,
-    trailer_block,
     window_update,
 )
-from backend.h2grpc.headers import MAX_HEADER_LIST, HeaderReader, Headers
+from backend.h2grpc.headers import (
+    MAX_HEADER_LIST,
+    HeaderBytes,
+    HeaderReader,
+    Headers,
+)
 from backend.h2grpc.inflow import RECV_WINDOW, Inflow, RequestBytes
 from backend.h2grpc.liveness import Liveness, Timeouts
 from backend.h2grpc.outflow import Sender
-from backend.h2grpc.stream import Gone, Stream
+from backend.h2grpc.pace import Pacer
+from backend.h2grpc.stream import Stream
+from backend.h2grpc.streams import Streams
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,11 @@ log = logging.getLogger(__name__)
 # not why. The HTTP/2 server of Go's net/http waits 1 s the same way
 # (goAwayTimeout, golang.org/issue/18701).
 GOAWAY_LINGER = 1.0
+# Our socket send buffer (the kernel doubles it). Left to autotuning it grew to
+# 4 MiB for a peer that never read: ~60,000 replies answered before asyncio's
+# write buffer filled and we stopped reading (outflow.Sender.pause). Token
+# replies are small and the gateway reads them at once.
+SEND_BUFFER = 128 * 1024
 
 
 class CallEvents(Protocol):
@@ -96,13 +102,17 @@ class Owner(Timeouts, Protocol):
     def drops(self) -> Drops: ...
 
     stopping: bool
+    pacer: Pacer
     request_bytes: RequestBytes
+    header_bytes: HeaderBytes
     max_message_bytes: int
     max_buffered: int
     max_concurrent_streams: int
 
     def admit(self, conn: Connection) -> bool: ...
     def release(self, conn: Connection) -> None: ...
+    def busy(self, conn: Connection, busy: bool) -> None:
+        """The connection has calls running now (or, `busy` False, none any more)."""
 
 
 class Connection(asyncio.Protocol):
@@ -116,15 +126,16 @@ class Connection(asyncio.Protocol):
             self.sender.write, server.max_message_bytes, server.max_buffered, server.request_bytes
         )
         self.liveness = Liveness(self, server)
+        self.streams = Streams(
+            self.sender, self.inflow, self.flood, self.liveness, server.header_bytes, self._busy
+        )
         self.reader = FrameReader()
         self.headers = HeaderReader()
-        self.streams: dict[int, Stream] = {}
-        self.last_stream_id = 0
+        self.holds: set[str] = set()  # why reading is paused ("socket", "turn")
         self.closing = False
         self.lingering: asyncio.TimerHandle | None = None  # see GOAWAY_LINGER
         self.goaway_sent = False
         self.peer = ""
-        self.gone = Gone()
 
     # ---- what the layers below and above call -----------------------------------
 
@@ -138,6 +149,12 @@ class Connection(asyncio.Protocol):
     def dropped(self, kind: str, message: str, *args: object) -> None:
         self.server.drops.warn(kind, message, *args)
 
+    def _busy(self, busy: bool) -> None:
+        self.server.busy(self, busy)
+
+    def _sent(self, stream: Stream) -> None:
+        self.streams.sent(stream)
+
     # ---- asyncio.Protocol ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -149,6 +166,7 @@ class Connection(asyncio.Protocol):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             except OSError:
                 pass
             if isinstance(peer, tuple):
@@ -181,29 +199,66 @@ class Connection(asyncio.Protocol):
         """Nothing more is read or sent for this connection's calls: cancel
         them and give back what they held (twice is harmless)."""
         self.liveness.stop()
-        for stream in list(self.streams.values()):
-            stream.close()
-        self.streams.clear()
+        self.streams.close_all()
         self.sender.release()
         self.inflow.close()
 
     def pause_writing(self) -> None:
+        """A peer that does not read its replies gets no more requests read
+        (and answered) until it does, not even those already read."""
         self.sender.pause()
+        self._hold("socket")
 
     def resume_writing(self) -> None:
         self.sender.resume()
+        self._release("socket")
+
+    def _hold(self, why: str) -> None:
+        """Stop reading, for `why` ("socket": the peer does not read what we
+        send; "turn": frames already read wait for the next loop turn)."""
+        if not self.holds and self.transport is not None and not self.closing:
+            with contextlib.suppress(RuntimeError):
+                self.transport.pause_reading()
+        self.holds.add(why)
+
+    def _release(self, why: str) -> None:
+        if why not in self.holds:
+            return
+        self.holds.discard(why)
+        if not self.holds and self.transport is not None and not self.closing:
+            with contextlib.suppress(RuntimeError):
+                self.transport.resume_reading()
+        if why == "socket":  # the frames read before it filled
+            asyncio.get_running_loop().call_soon(self._frames)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:  # lingering after a connection error: dropped unread
             return
         self.liveness.last_activity = time.monotonic()
-        reader = self.reader
         try:
-            reader.feed(data)
+            self.reader.feed(data)
+        except ConnectionLevelError as exc:
+            self._connection_error(exc.code, str(exc))
+            return
+        self._frames()
+
+    def _frames(self) -> None:
+        """Handle what was read, within the loop turn's time (pace.py), none
+        while the peer does not read what we send."""
+        if self.closing or "socket" in self.holds:
+            return
+        reader = self.reader
+        pacer = self.server.pacer
+        try:
             while (got := reader.next()) is not None:
                 self._frame_received(*got)
-                if self.closing:
+                if self.closing or "socket" in self.holds:
                     return
+                if pacer.spent():
+                    self._hold("turn")
+                    asyncio.get_running_loop().call_soon(self._frames)
+                    return
+            self._release("turn")
         except ConnectionLevelError as exc:
             self._connection_error(exc.code, str(exc))
         except Exception:  # a bug here must not leave the connection half-parsed
@@ -249,14 +304,9 @@ class Connection(asyncio.Protocol):
         elif kind == RST_STREAM:
             if stream_id == 0 or len(payload) != 4:
                 raise ConnectionLevelError(PROTOCOL_ERROR, "bad RST_STREAM")
-            if stream_id > self.last_stream_id:
+            if stream_id > self.streams.last_id:
                 raise ConnectionLevelError(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
-            stream = self.drop(stream_id)
-            if stream is not None:
-                self.sender.drop(stream)
-                stream.close()
-                stream.end_remote()  # nothing more may come on it
-                self._forget(stream)
+            self.streams.peer_reset(stream_id)
         elif kind == PUSH_PROMISE:
             raise ConnectionLevelError(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
         # GOAWAY: the client stops opening streams, the open ones finish.
@@ -273,11 +323,11 @@ class Connection(asyncio.Protocol):
         else:
             stream = self.streams.get(stream_id)
             if stream is None:
-                if stream_id > self.last_stream_id:
+                if stream_id > self.streams.last_id:
                     raise ConnectionLevelError(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
                 return
             if not self.sender.open_stream_window(stream, increment):
-                self.reset(stream, FLOW_CONTROL_ERROR)  # RFC 9113 §6.9.1
+                self.streams.reset(stream, FLOW_CONTROL_ERROR)  # RFC 9113 §6.9.1
                 return
         self.sender.flush_pending()
 
@@ -287,21 +337,11 @@ class Connection(asyncio.Protocol):
             if flags & END_STREAM:
                 self._remote_end(stream)
             return
-        if stream_id <= self.last_stream_id:
-            if not self.gone.known(stream_id):  # ids must grow (RFC 9113 §5.1.1)
-                raise ConnectionLevelError(PROTOCOL_ERROR, "HEADERS on a lower stream id")
-            return  # trailers racing our reset of the stream
-        self.last_stream_id = stream_id
         server = self.server
-        if (
-            self.goaway_sent
-            or server.stopping
-            or len(self.streams) >= server.max_concurrent_streams
-        ):
-            self.sender.write(rst_stream(stream_id, REFUSED_STREAM))
+        refuse = self.goaway_sent or server.stopping
+        stream = self.streams.start(stream_id, headers, refuse, server.max_concurrent_streams)
+        if stream is None:
             return
-        stream = Stream(stream_id, headers, RECV_WINDOW)
-        self.streams[stream_id] = stream
         self.calls.opened(self, stream)
         if flags & END_STREAM and not stream.done:
             self._remote_end(stream)
@@ -318,89 +358,52 @@ class Connection(asyncio.Protocol):
         inflow.receive(size)
         stream = self.streams.get(stream_id)
         if stream is None or stream.done:
-            if stream_id > self.last_stream_id:
+            if stream_id > self.streams.last_id:
                 raise ConnectionLevelError(PROTOCOL_ERROR, "DATA on an idle stream")
-            self.gone.data(stream_id, size)
+            self.streams.gone.data(stream_id, size)
             inflow.give_back(size)
             return
         if stream.remote_closed:  # half-closed (remote): RFC 9113 §5.1
             inflow.give_back(size)
-            self.reset(stream, STREAM_CLOSED)
+            self.streams.reset(stream, STREAM_CLOSED)
             return
         if not stream.consume(size):
             inflow.give_back(size)
-            self.reset(stream, FLOW_CONTROL_ERROR)
+            self.streams.reset(stream, FLOW_CONTROL_ERROR)
             return
         inflow.give_back(size - len(payload))  # the padding
         refusal = inflow.hold(stream, payload)
         if refusal is not None:
-            self.finish(stream, *refusal)
+            self.streams.finish(stream, *refusal)
         elif flags & END_STREAM:
             self._remote_end(stream)
 
     def _remote_end(self, stream: Stream) -> None:
-        stream.end_remote()
-        if not stream.done:
+        if self.streams.complete(stream):
             self.calls.request_complete(self, stream)
-
-    def take_request(self, stream: Stream) -> bytes:
-        """The stream's request bytes, for its handler (their window goes back)."""
-        return self.inflow.take(stream)
-
-    # ---- ending streams ----------------------------------------------------------
-
-    def finish(self, stream: Stream, code: Status, details: str) -> None:
-        """Send the status (trailers, or trailers-only when nothing was sent)."""
-        if stream.done:
-            return
-        trailers_only = not stream.start_reply()
-        block = trailer_block(code, details, trailers_only)
-        out = frame(HEADERS, END_HEADERS | END_STREAM, stream.id, block)
-        if not stream.remote_closed:
-            # We answered before the request was complete: stop the upload.
-            out += rst_stream(stream.id, NO_ERROR)
-        self._end(stream, out)
-
-    def reset(self, stream: Stream, code: int) -> None:
-        """End the stream with RST_STREAM(code), dropping what it still had to send."""
-        self.sender.drop(stream)
-        self._end(stream, rst_stream(stream.id, code))
-
-    def refuse_not_grpc(self, stream: Stream) -> None:
-        """HTTP 415: the gRPC-over-HTTP/2 answer to a wrong content type."""
-        self._end(stream, frame(HEADERS, END_HEADERS | END_STREAM, stream.id, STATUS_415))
-
-    def _end(self, stream: Stream, data: bytes) -> None:
-        self._forget(stream)
-        if stream.pending:
-            stream.defer(data)
-        else:
-            self.drop(stream.id)
-            self.sender.write(data)
-        stream.close()
-
-    def _forget(self, stream: Stream) -> None:
-        """The stream ended: free its request, remember what the peer may still send."""
-        self.inflow.release(stream)
-        self.gone.remember(stream)
-
-    def _sent(self, stream: Stream) -> None:
-        """Trailers that waited for window have left (outflow.Sender)."""
-        self.drop(stream.id)
-
-    def drop(self, stream_id: int) -> Stream | None:
-        """The stream leaves the connection's table (nothing more to send on it)."""
-        stream = self.streams.pop(stream_id, None)
-        if not self.streams:
-            self.liveness.idle_since = time.monotonic()
-        return stream
 
     # ---- the connection ends -------------------------------------------------------
 
     def goaway(self) -> None:
         if not self.goaway_sent:
             self.goaway_sent = True
-            self.sender.write(goaway(self.last_stream_id, NO_ERROR))
+            self.sender.write(goaway(self.streams.last_id, NO_ERROR))
+
+    def evict(self) -> None:
+        """The connection cap is reached and this connection has been idle
+        longest (no call running): GOAWAY(NO_ERROR), after which a client
+        reconnects, then the close."""
+        if self.closing:
+            self.close()  # already lingering: now
+            return
+        self.goaway_sent = True
+        self.sender.write(goaway(self.streams.last_id, NO_ERROR, b"connection cap reached"))
+        self.close(linger=GOAWAY_LINGER)
+
+    def fail(self, exc: ConnectionLevelError) -> None:
+        """A connection error found outside frame handling (messages.py's bombs)."""
+        if not self.closing:
+            self._connection_error(exc.code, str(exc))
 
     def _connection_error(self, code: int, reason: str) -> None:
         self.dropped(
@@ -409,7 +412,7 @@ class Connection(asyncio.Protocol):
             self.peer,
             reason,
         )
-        self.sender.write(goaway(self.last_stream_id, code, reason.encode()))
+        self.sender.write(goaway(self.streams.last_id, code, reason.encode()))
         self.close(linger=GOAWAY_LINGER)
 
     def _closing(self) -> None:

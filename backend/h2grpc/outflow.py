@@ -5,7 +5,6 @@ its SETTINGS and WINDOW_UPDATE frames set)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import struct
 from collections.abc import Callable
 
@@ -76,23 +75,14 @@ class Sender:
         self.out.clear()
 
     def pause(self) -> None:
-        """The socket's write buffer is above its high-water mark."""
+        """The socket's write buffer is above its high-water mark: handlers
+        wait before their next message (the connection stops reading)."""
         if self.paused is None or self.paused.done():
             self.paused = asyncio.get_running_loop().create_future()
-        # A peer that does not read its replies gets no more requests read
-        # (and answered) until it does: what we queue for it stays bounded.
-        transport = self.transport
-        if transport is not None and not self.closed:
-            with contextlib.suppress(RuntimeError):
-                transport.pause_reading()
 
     def resume(self) -> None:
         if self.paused is not None and not self.paused.done():
             self.paused.set_result(None)
-        transport = self.transport
-        if transport is not None and not self.closed:
-            with contextlib.suppress(RuntimeError):
-                transport.resume_reading()
 
     def release(self) -> None:
         """The connection is gone: nothing waits for the socket any more."""

@@ -38,9 +38,11 @@ class Stream:
         "call",
         "done",
         "drained",
+        "header_bytes",
         "headers",
         "headers_sent",
         "id",
+        "keeps_busy",
         "need",
         "pending",
         "recv_window",
@@ -49,10 +51,11 @@ class Stream:
     )
 
     def __init__(
-        self, stream_id: int, headers: list[tuple[bytes, bytes]], recv_window: int
+        self, stream_id: int, headers: list[tuple[bytes, bytes]], recv_window: int, size: int = 0
     ) -> None:
         self.id = stream_id
         self.headers = headers
+        self.header_bytes = size  # their decoded size (headers.list_size)
         self.body = bytearray()
         self.need: int | None = None
         self.recv_window = recv_window  # what the peer may still send (our SETTINGS)
@@ -67,9 +70,13 @@ class Stream:
         self.drained: asyncio.Future[None] | None = None
         self.after = b""
         self.call: CallHandle | None = None
+        self.keeps_busy = True  # its call counts as the connection being in use
 
-    def attach(self, call: CallHandle) -> None:
+    def attach(self, call: CallHandle, keeps_busy: bool = True) -> None:
+        """`keeps_busy` False: a call that may run forever without being work
+        (a health Watch) does not keep the connection from eviction."""
         self.call = call
+        self.keeps_busy = keeps_busy
 
     # ---- state ----------------------------------------------------------------
 
