@@ -1,4 +1,4 @@
-"""A gRPC server (HTTP/2, unary and server-streaming RPCs) on the event loop itself.
+"""A gRPC server (HTTP/2, every kind of RPC) on the event loop itself.
 
 Why not grpc.aio: its C core runs HTTP/2 in its own threads and hands every
 completed operation back to the event loop through a completion-queue poller,
@@ -16,9 +16,11 @@ Scope, deliberately small (what a gRPC client needs from this worker):
   * h2c (cleartext HTTP/2 with prior knowledge, as grpc clients dial
     `insecure`), TCP or `unix:` sockets; no TLS (the worker listens on
     loopback unless told otherwise).
-  * unary and server-streaming methods, one request message per call;
-    requests compressed with gzip/deflate are accepted, replies are sent
-    uncompressed (allowed by the gRPC spec whatever the client accepts).
+  * unary and server-streaming methods (one request message per call), and
+    client-streaming and bidirectional ones (server reflection), whose
+    handlers iterate their requests as they come; requests compressed with
+    gzip/deflate are accepted, replies are sent uncompressed (allowed by the
+    gRPC spec whatever the client accepts).
   * HTTP/2 flow control both ways, SETTINGS, PING (ACKs paced, see
     liveness.PING_ACK_INTERVAL), RST_STREAM -> the handler task is cancelled
     (and with it the engine request), GOAWAY on shutdown and on idle

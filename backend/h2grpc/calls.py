@@ -1,5 +1,6 @@
 """One gRPC call on an HTTP/2 stream: the method table, the request headers
-and message checked and decoded, the `context` its handler sees (grpc.aio's
+and message (or, for client-streaming and bidirectional methods, messages)
+checked and decoded, the `context` its handler sees (grpc.aio's
 ServicerContext, the parts the worker uses), the handler run to its status,
 cancelled, or timed out.
 
@@ -13,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn, cast
 
@@ -58,9 +60,14 @@ class NotGrpc(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Method:
-    handler: Callable[[Any, Context], Awaitable[Any]]
+    """`handler(request, context)` is a coroutine function, or an async
+    generator function yielding the replies (as grpc.aio allows);
+    `client_streaming`: its `request` is an async iterator of messages."""
+
+    handler: Callable[[Any, Context], Any]
     request_type: type[Message]
     streaming: bool
+    client_streaming: bool = False
 
 
 def methods_of(servicer: Any, service: Any) -> dict[str, Method]:
@@ -70,13 +77,13 @@ def methods_of(servicer: Any, service: Any) -> dict[str, Method]:
 
     table = {}
     for m in service.methods:
-        if m.client_streaming:
-            continue  # not served by this transport (the worker has none)
         handler = getattr(servicer, m.name, None)
         if handler is None:
             continue
         request_type = message_factory.GetMessageClass(m.input_type)
-        table[f"/{service.full_name}/{m.name}"] = Method(handler, request_type, m.server_streaming)
+        table[f"/{service.full_name}/{m.name}"] = Method(
+            handler, request_type, m.server_streaming, m.client_streaming
+        )
     return table
 
 
@@ -92,6 +99,7 @@ class Call:
         "stream",
         "task",
         "timer",
+        "waiting",
     )
 
     def __init__(self, conn: Connection, stream: Stream) -> None:
@@ -105,6 +113,12 @@ class Call:
         # (code, details) to send when the task is cancelled by us (deadline,
         # shutdown); None: cancelled because the stream closed.
         self.cancel_status: tuple[Status, str] | None = None
+        self.waiting: asyncio.Future[None] | None = None  # RequestStream, for bytes
+
+    def wake(self) -> None:
+        """Request bytes came, or the request ended (RequestStream)."""
+        if self.waiting is not None and not self.waiting.done():
+            self.waiting.set_result(None)
 
     def stream_closed(self) -> None:
         """The stream closed (stream.CallHandle): stop the handler, unless it
@@ -182,6 +196,46 @@ class Context:
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+class RequestStream:
+    """A client-streaming call's requests, as its handler iterates them: a
+    message is taken from the stream's bytes only when asked for, so what
+    waits is bounded by the stream's window (inflow.Inflow.next_message)."""
+
+    def __init__(self, call: Call, dispatcher: Dispatcher) -> None:
+        self.call = call
+        self.dispatcher = dispatcher
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self
+
+    async def __anext__(self) -> Message:
+        call = self.call
+        stream = call.stream
+        target = call.method
+        assert target is not None
+        while True:
+            if stream.done:
+                raise asyncio.CancelledError()
+            got = call.conn.streams.next_message(stream)
+            if isinstance(got, bytes):
+                compressed, raw = unframe(got)
+                if not compressed:
+                    return parse(raw, target.request_type)
+                d = self.dispatcher
+                inflated = await inflate(
+                    raw, call.encoding, target.request_type, d.max_message_bytes, d.inflating
+                )
+                return parse(inflated, target.request_type)
+            if got is not None:
+                raise CallError(*got)
+            if stream.remote_closed:
+                if stream.body:
+                    raise CallError(Status.INTERNAL, "the request stream ends inside a message")
+                raise StopAsyncIteration
+            call.waiting = asyncio.get_running_loop().create_future()
+            await call.waiting
+
+
 class Dispatcher:
     """Calls for every connection of one server (connection.CallEvents): the
     method table, the auth check, and the handler tasks (for a graceful stop)."""
@@ -208,7 +262,8 @@ class Dispatcher:
     def opened(self, conn: Connection, stream: Stream) -> None:
         """Validate the request headers; errors end the stream at once."""
         call = Call(conn, stream)
-        stream.attach(call, keeps_busy=not self.idle_calls or _path(stream) not in self.idle_calls)
+        keeps_busy = not self.idle_calls or _path(stream) not in self.idle_calls
+        stream.attach(call, keeps_busy)
         try:
             call.method = self._check(call)
         except CallError as exc:
@@ -223,11 +278,28 @@ class Dispatcher:
         if call.deadline is not None:
             delay = max(0.0, call.deadline - time.monotonic())
             call.timer = asyncio.get_running_loop().call_later(delay, call.expire)
+        if call.method.client_streaming:  # the handler runs as the requests come
+            stream.attach(call, keeps_busy, streaming=True)
+            self._start(call, call.method, RequestStream(call, self))
+
+    def request_data(self, conn: Connection, stream: Stream) -> None:
+        call = cast(Call | None, stream.call)
+        if call is not None:
+            call.wake()
+
+    def _start(self, call: Call, target: Method, request: Message | bytes | RequestStream) -> None:
+        call.task = task = asyncio.get_running_loop().create_task(run(call, target, request, self))
+        # The loop keeps only weak references to tasks.
+        self.tasks[task] = call
+        task.add_done_callback(self.tasks.pop)
 
     def request_complete(self, conn: Connection, stream: Stream) -> None:
         """Decode the request and run the handler."""
         call = cast(Call | None, stream.call)
-        if call is None or call.task is not None or call.method is None:
+        if call is None or call.method is None:
+            return
+        if call.task is not None:  # a request stream: its end is news to the handler
+            call.wake()
             return
         target = call.method
         try:
@@ -237,10 +309,7 @@ class Dispatcher:
         except CallError as exc:
             conn.streams.finish(stream, exc.code, exc.details)
             return
-        call.task = task = asyncio.get_running_loop().create_task(run(call, target, request, self))
-        # The loop keeps only weak references to tasks.
-        self.tasks[task] = call
-        task.add_done_callback(self.tasks.pop)
+        self._start(call, target, request)
 
     def _check(self, call: Call) -> Method:
         """The method the request headers call (the call takes their deadline
@@ -292,7 +361,9 @@ class Dispatcher:
         return target
 
 
-async def run(call: Call, target: Method, request: Message | bytes, dispatcher: Dispatcher) -> None:
+async def run(
+    call: Call, target: Method, request: Message | bytes | RequestStream, dispatcher: Dispatcher
+) -> None:
     """The handler's task: run it and end the stream with its status. A
     compressed request (bytes) is inflated here first, a step at a time."""
     conn = call.conn
@@ -308,7 +379,13 @@ async def run(call: Call, target: Method, request: Message | bytes, dispatcher: 
                 dispatcher.inflating,
             )
             request = parse(raw, target.request_type)
-        result = await target.handler(request, context)
+        result = target.handler(request, context)
+        if inspect.isasyncgen(result):  # replies yielded, as grpc.aio allows
+            async for reply in result:
+                await context.write(reply)
+            result = None
+        else:
+            result = await result
         if stream.done:
             return
         if not target.streaming:

@@ -87,6 +87,9 @@ class CallEvents(Protocol):
         """The peer ended its side of a stream still open on ours: the
         request is complete."""
 
+    def request_data(self, conn: Connection, stream: Stream) -> None:
+        """More of a request stream's bytes arrived (`stream.streaming`)."""
+
 
 class Drops(Protocol):
     def warn(self, kind: str, message: str, *args: object) -> None: ...
@@ -375,7 +378,10 @@ class Connection(asyncio.Protocol):
         refusal = inflow.hold(stream, payload)
         if refusal is not None:
             self.streams.finish(stream, *refusal)
-        elif flags & END_STREAM:
+            return
+        if stream.streaming:
+            self.calls.request_data(self, stream)
+        if flags & END_STREAM:
             self._remote_end(stream)
 
     def _remote_end(self, stream: Stream) -> None:

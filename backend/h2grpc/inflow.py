@@ -92,6 +92,8 @@ class Inflow:
     def hold(self, stream: Stream, payload: bytes) -> tuple[Status, str] | None:
         """Keep `payload` for the stream's request; a status to end the call
         with when it cannot be kept (see the module docstring)."""
+        if stream.streaming:
+            return self._hold_streaming(stream, payload)
         owed = stream.need is not None
         stream.keep(payload)
         self.buffered += len(payload)
@@ -126,6 +128,48 @@ class Inflow:
         self.give_back(0)
         return None
 
+    def _hold_streaming(self, stream: Stream, payload: bytes) -> tuple[Status, str] | None:
+        """A request stream's bytes: its handler takes them a message at a
+        time (next_message), and only then does the stream's window come
+        back; so the stream window paces the peer, and the connection window
+        is given back at once (a handler that stops reading blocks its own
+        stream, not the connection's others)."""
+        stream.keep(payload)
+        size = len(payload)
+        self.buffered += size
+        self._count(size)
+        self.give_back(size)
+        if self.buffered > self.max_buffered:
+            return Status.RESOURCE_EXHAUSTED, "too many request bytes waiting on this connection"
+        if self.pool.held > self.pool.limit:
+            return Status.RESOURCE_EXHAUSTED, "too many request bytes waiting in this worker"
+        return None
+
+    def next_message(self, stream: Stream) -> bytes | tuple[Status, str] | None:
+        """A request stream's next whole message (its window goes back), None
+        until it has come, or a status to end the call with."""
+        body = stream.body
+        if len(body) < 5:
+            return None
+        declared = int.from_bytes(body[1:5], "big")
+        if declared > self.max_message_bytes:
+            limit = self.max_message_bytes
+            return (
+                Status.RESOURCE_EXHAUSTED,
+                f"Received message larger than max ({declared} vs. {limit})",
+            )
+        size = 5 + declared
+        missing = size - len(body)
+        if missing > 0:
+            if missing > stream.recv_window:  # larger than the window: make room
+                self.write(window_update(stream.id, stream.widen(missing)))
+            return None
+        message = stream.take_message(size)
+        self.buffered -= size
+        self._count(-size)
+        self.write(window_update(stream.id, stream.widen(stream.recv_window + size)))
+        return message
+
     def take(self, stream: Stream) -> bytes:
         """The stream's request, for its handler: its window goes back."""
         body = stream.take_body()
@@ -140,4 +184,5 @@ class Inflow:
         self.buffered -= held
         self.owed -= owed
         self._count(-(held + owed))
-        self.give_back(held)
+        if not stream.streaming:  # a request stream's went back on arrival
+            self.give_back(held)

@@ -48,6 +48,7 @@ class Stream:
         "recv_window",
         "remote_closed",
         "send_credit",
+        "streaming",
     )
 
     def __init__(
@@ -71,12 +72,15 @@ class Stream:
         self.after = b""
         self.call: CallHandle | None = None
         self.keeps_busy = True  # its call counts as the connection being in use
+        self.streaming = False  # its request is a stream of messages (inflow.py)
 
-    def attach(self, call: CallHandle, keeps_busy: bool = True) -> None:
+    def attach(self, call: CallHandle, keeps_busy: bool = True, streaming: bool = False) -> None:
         """`keeps_busy` False: a call that may run forever without being work
-        (a health Watch) does not keep the connection from eviction."""
+        (a health Watch) does not keep the connection from eviction.
+        `streaming`: the request is a stream of messages, taken one by one."""
         self.call = call
         self.keeps_busy = keeps_busy
+        self.streaming = streaming
 
     # ---- state ----------------------------------------------------------------
 
@@ -118,6 +122,12 @@ class Stream:
         body = bytes(self.body)
         self.body = bytearray()
         return body
+
+    def take_message(self, size: int) -> bytes:
+        """The first `size` bytes of the body: one whole message."""
+        message = bytes(self.body[:size])
+        del self.body[:size]
+        return message
 
     def drop_body(self) -> tuple[int, int]:
         """Forget the request: (bytes held, bytes still owed)."""

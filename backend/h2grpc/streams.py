@@ -98,6 +98,10 @@ class Streams:
         """The stream's request bytes, for its handler (their window goes back)."""
         return self.inflow.take(stream)
 
+    def next_message(self, stream: Stream) -> bytes | tuple[Status, str] | None:
+        """A request stream's next message (inflow.Inflow.next_message)."""
+        return self.inflow.next_message(stream)
+
     def peer_reset(self, stream_id: int) -> None:
         """RST_STREAM from the peer."""
         stream = self.drop(stream_id)
