@@ -611,10 +611,13 @@ def idle_connections(addr: str, deadline: float) -> str:
 
 
 def _hello(addr: str) -> socket.socket | None:
+    """A connection that sent its preface and has the server's first bytes
+    (so the server has accepted it: not one waiting in the listen backlog)."""
     host, port = addr.rsplit(":", 1)
     try:
-        sock = socket.create_connection((host, int(port)), timeout=2)
+        sock = socket.create_connection((host, int(port)), timeout=5)
         sock.sendall(p.PREFACE + p.frame(p.SETTINGS, 0, 0))
+        sock.recv(9, socket.MSG_PEEK)  # SETTINGS (and maybe GOAWAY) stay to be read
     except OSError:
         return None  # not even accepted by the kernel, or closed at once
     return sock
