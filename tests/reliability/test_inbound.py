@@ -288,8 +288,9 @@ def rapid_reset(addr: str, deadline: float) -> str:
     refused = count_refused()
     reaction = peer.reaction() + f" after {opened} streams"
     # GOAWAY(ENHANCE_YOUR_CALM) as nghttp2/grpc-go do, or C-core's answer:
-    # refusing new streams while too many resets are pending.
-    assert _calm(peer) or refused >= opened // 2, reaction
+    # refusing new streams while too many resets are pending (how many
+    # depends on timing: 3,981 to 14,875 of 20,000 measured).
+    assert _calm(peer) or refused > 0, reaction
     peer.close()
     return reaction
 
@@ -636,13 +637,14 @@ def _closed_by_server(sock: socket.socket) -> bool:
 
 
 def _new_client_health(addr: str) -> float:
-    """A client connecting now: Health's latency, or inf when refused."""
+    """A client connecting now: Health's latency, or inf when refused. Its own
+    subchannel pool: else grpc reuses this process's connection to the worker."""
     import grpc
 
     from backend.gen import backend_pb2 as pb
     from backend.gen import backend_pb2_grpc
 
-    with grpc.insecure_channel(addr) as channel:
+    with grpc.insecure_channel(addr, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         start = time.monotonic()
         try:
             stub = backend_pb2_grpc.BackendStub(channel)
@@ -754,6 +756,9 @@ XFAIL: dict[tuple[str, str], str] = {
     "(measured: prefix match, answered OK)",
     ("grpcio", "empty_padded_headers"): "C-core answers RST_STREAM(INTERNAL_ERROR), a stream "
     "error, where RFC 9113 §4.2/§6.2 want a connection error (measured)",
+    ("grpcio", "idle_connection_slots"): "C-core refuses every new connection once "
+    "grpc.max_allowed_incoming_connections are open, idle or not; it cannot evict one "
+    "(measured: 510 idle attacker connections kept, the new client's Health refused)",
 }
 # C-core's costs that depend on how fast it works, so not strict: it may pass
 # on a faster machine.
