@@ -62,9 +62,10 @@ class _Dropped:
     def collect(self) -> Iterator[Metric]:
         counter = CounterMetricFamily(
             "backend_connections_dropped",
-            "Connections the h2 transport closed on the peer's account, by reason: over_cap "
-            "(BACKEND_MAX_CONNECTIONS), no_preface (BACKEND_HANDSHAKE_TIMEOUT_S), or the HTTP/2 "
-            "error code of the GOAWAY it sent (ENHANCE_YOUR_CALM: a flood)",
+            "Connections the h2 transport closed on the peer's account, by reason: evicted (the "
+            "one idle longest, for a new one at BACKEND_MAX_CONNECTIONS), over_cap (a new one "
+            "when every connection has a call running), no_preface (BACKEND_HANDSHAKE_TIMEOUT_S), "
+            "or the HTTP/2 error code of the GOAWAY it sent (ENHANCE_YOUR_CALM: a flood)",
             labels=["reason"],
         )
         for reason, total in sorted(dict(self._totals()).items()):

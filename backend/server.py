@@ -14,8 +14,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from backend import reflection
 from backend.config import ServerConfig
 from backend.gen import backend_pb2
 from backend.health import HealthService
@@ -27,6 +27,17 @@ log = logging.getLogger(__name__)
 # Served without the token: Kubernetes' gRPC probes and load balancers cannot
 # send one, and it tells no more than SERVING / NOT_SERVING.
 AUTH_EXEMPT = ("/grpc.health.v1.Health/",)
+# Calls that may run as long as the client likes without being work: on h2 they
+# do not keep a connection from being evicted when the connection cap is
+# reached (else a token-less peer holding a Watch on every connection would
+# keep the gateway out).
+IDLE_CALLS = ("/grpc.health.v1.Health/Watch", *reflection.PATHS)
+# What reflection lists (besides itself): what the services are is public
+# anyway (backend.proto); calls still need the token if set.
+REFLECTED = (
+    backend_pb2.DESCRIPTOR.services_by_name["Backend"].full_name,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -176,16 +187,7 @@ class GrpcioServer:
         self.server.add_generic_rpc_handlers((_decoding_handlers(servicer),))
         self.health = health_of(servicer)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        # Server reflection (grpcurl list/describe): what the services are is
-        # public anyway (backend.proto); calls still need the token if set.
-        reflection.enable_server_reflection(
-            (
-                backend_pb2.DESCRIPTOR.services_by_name["Backend"].full_name,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self.server,
-        )
+        self.server.add_generic_rpc_handlers(reflection.grpcio_handlers(REFLECTED))
         self.addr = config.addr
 
     async def listen(self) -> int:
@@ -209,11 +211,10 @@ class H2Server:
         service = backend_pb2.DESCRIPTOR.services_by_name["Backend"]
         self.health = health_of(servicer)
         methods = h2grpc.methods_of(servicer, service)
-        # Health yes; reflection no (its one method is a bidirectional stream,
-        # which h2grpc does not serve).
         methods.update(
             h2grpc.methods_of(self.health, health_pb2.DESCRIPTOR.services_by_name["Health"])
         )
+        methods.update(reflection.h2_methods(REFLECTED))
         self.server = h2grpc.Server(
             methods,
             auth_token=config.auth_token,
@@ -225,6 +226,7 @@ class H2Server:
             idle_timeout=config.idle_connection_s,
             max_connections=config.max_connections,
             auth_exempt=AUTH_EXEMPT,
+            idle_calls=IDLE_CALLS,
         )
         self.addr = config.addr
 

@@ -21,8 +21,10 @@ class Servicer:
     def __init__(self) -> None:
         self.cancelled: list[str] = []
         self.started = threading.Event()
+        self.health_calls = 0
 
     async def Health(self, request: pb.HealthMessage, context: Any) -> pb.Reply:
+        self.health_calls += 1
         return pb.Reply(message=b"OK")
 
     async def Predict(self, request: pb.PredictOptions, context: Any) -> pb.Reply:

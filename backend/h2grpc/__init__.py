@@ -1,4 +1,4 @@
-"""A gRPC server (HTTP/2, unary and server-streaming RPCs) on the event loop itself.
+"""A gRPC server (HTTP/2, every kind of RPC) on the event loop itself.
 
 Why not grpc.aio: its C core runs HTTP/2 in its own threads and hands every
 completed operation back to the event loop through a completion-queue poller,
@@ -16,9 +16,11 @@ Scope, deliberately small (what a gRPC client needs from this worker):
   * h2c (cleartext HTTP/2 with prior knowledge, as grpc clients dial
     `insecure`), TCP or `unix:` sockets; no TLS (the worker listens on
     loopback unless told otherwise).
-  * unary and server-streaming methods, one request message per call;
-    requests compressed with gzip/deflate are accepted, replies are sent
-    uncompressed (allowed by the gRPC spec whatever the client accepts).
+  * unary and server-streaming methods (one request message per call), and
+    client-streaming and bidirectional ones (server reflection), whose
+    handlers iterate their requests as they come; requests compressed with
+    gzip/deflate are accepted, replies are sent uncompressed (allowed by the
+    gRPC spec whatever the client accepts).
   * HTTP/2 flow control both ways, SETTINGS, PING (ACKs paced, see
     liveness.PING_ACK_INTERVAL), RST_STREAM -> the handler task is cancelled
     (and with it the engine request), GOAWAY on shutdown and on idle
@@ -32,9 +34,22 @@ Handlers keep grpc.aio's signature `(request, context)`: `context.write`,
 `context.abort(grpc.StatusCode, details)`, `context.invocation_metadata()`,
 `context.cancelled()`, `context.peer()`, `context.time_remaining()`.
 
-The modules: frames (wire format), calls (a call as its handler sees it),
-connection (frames in, stream states, limits), inflow (request windows),
-sending (frames out), liveness (a connection's timers), server.
+The modules, in layers: each imports only those before it
+(tests/unit/test_h2_layers.py checks it); what a lower one must call upward is
+handed to it as a callback or a small Protocol.
+  frames      wire format: constants, frames, the header blocks we send, gRPC statuses
+  stream      one stream's state; only its own methods change it
+  flood       flood accounting: control frames, earned WINDOW_UPDATE credit
+  inflow      request bytes in: the windows we grant, what we hold
+  outflow     frames out: one write per loop turn, the peer's windows
+  pace        how long one loop turn may spend handling frames, all connections
+  headers     header blocks in: CONTINUATION, HPACK decoding and its limits
+  liveness    a connection's timers: handshake, keepalive, PING ACKs, idle
+  streams     a connection's stream table: opening (limits), calls running, ending
+  connection  one HTTP/2 connection: frames in at a bounded pace, GOAWAY, eviction
+  messages    a request message checked, decompressed and decoded
+  calls       a gRPC call: method table, context, the handler run to its status
+  server      settings, listeners, the connection cap, graceful stop; wires the rest
 """
 
 from backend.h2grpc.calls import AbortError, Context, Method, methods_of

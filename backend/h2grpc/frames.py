@@ -1,12 +1,14 @@
 """HTTP/2 and gRPC wire format: constants, frames and the header blocks we send.
 
-Replies only send literal header fields (no dynamic table), so encoding needs
-no HPACK state; decoding what peers send uses the `hpack` package.
+The lowest layer of the package: it imports nothing of it. Replies only send
+literal header fields (no dynamic table), so encoding needs no HPACK state;
+decoding what peers send uses the `hpack` package (headers.py).
 """
 
 from __future__ import annotations
 
 import struct
+from enum import IntEnum
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -33,6 +35,29 @@ DEFAULT_WINDOW = 65_535
 MAX_WINDOW = 2**31 - 1
 MAX_FRAME = 16_384  # our SETTINGS_MAX_FRAME_SIZE (the default) and the peer's until it says
 
+
+class Status(IntEnum):
+    """gRPC status codes (grpc.StatusCode's numbers, without importing grpc here)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
 # gRPC's length prefix: compressed flag, message length.
 GRPC_PREFIX = struct.Struct(">BI")
 
@@ -50,6 +75,59 @@ class ConnectionLevelError(Exception):
         self.code = code
 
 
+Frame = tuple[int, int, int, bytes]  # type, flags, stream id, payload
+
+
+class FrameReader:
+    """A client's bytes as frames: the preface, then each whole frame in turn;
+    what is incomplete waits for more bytes."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.pos = 0  # the next frame's offset in `buffer`
+        self.preface_seen = False
+
+    def feed(self, data: bytes) -> None:
+        buf = self.buffer
+        buf += data
+        if not self.preface_seen:
+            if len(buf) < len(PREFACE):
+                if not PREFACE.startswith(bytes(buf)):
+                    raise ConnectionLevelError(PROTOCOL_ERROR, "not an HTTP/2 client preface")
+                return
+            if buf[: len(PREFACE)] != PREFACE:
+                raise ConnectionLevelError(PROTOCOL_ERROR, "not an HTTP/2 client preface")
+            del buf[: len(PREFACE)]
+            self.preface_seen = True
+
+    def next(self) -> Frame | None:
+        """The next whole frame, or None until more bytes come."""
+        buf = self.buffer
+        pos = self.pos
+        if not self.preface_seen or len(buf) - pos < 9:
+            self._rest()
+            return None
+        length = int.from_bytes(buf[pos : pos + 3], "big")
+        if length > MAX_FRAME:
+            raise ConnectionLevelError(FRAME_SIZE_ERROR, "frame larger than 16384 bytes")
+        if len(buf) - pos < 9 + length:
+            self._rest()
+            return None
+        self.pos = pos + 9 + length
+        return (
+            buf[pos + 3],
+            buf[pos + 4],
+            int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF,
+            bytes(buf[pos + 9 : pos + 9 + length]),
+        )
+
+    def _rest(self) -> None:
+        """No whole frame left: only the incomplete rest stays buffered."""
+        if self.pos:
+            del self.buffer[: self.pos]
+            self.pos = 0
+
+
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     return (
         len(payload).to_bytes(3, "big")
@@ -57,6 +135,18 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
         + stream_id.to_bytes(4, "big")
         + payload
     )
+
+
+def settings_frame(max_streams: int, initial_window: int, max_header_list: int) -> bytes:
+    """Our SETTINGS (the server preface): no push."""
+    settings = struct.pack(
+        ">HIHIHIHI",
+        S_MAX_CONCURRENT_STREAMS, max_streams,
+        S_INITIAL_WINDOW_SIZE, initial_window,
+        S_MAX_HEADER_LIST_SIZE, max_header_list,
+        S_ENABLE_PUSH, 0,
+    )  # fmt: skip
+    return frame(SETTINGS, 0, 0, settings)
 
 
 def goaway(last_stream_id: int, code: int, debug: bytes = b"") -> bytes:
@@ -103,11 +193,11 @@ def _percent_encode(text: str) -> bytes:
     return bytes(out)
 
 
-def trailer_block(code: int, details: str, trailers_only: bool) -> bytes:
+def trailer_block(code: Status, details: str, trailers_only: bool) -> bytes:
     """grpc-status and grpc-message (percent-encoded), after the response
     headers when nothing else was sent (a trailers-only response)."""
     block = RESPONSE_HEADERS if trailers_only else b""
-    block += literal(b"grpc-status", str(code).encode())
+    block += literal(b"grpc-status", b"%d" % code)
     if details:
         block += literal(b"grpc-message", _percent_encode(details))
     return block

@@ -20,13 +20,10 @@ is what it was granted (RFC 9113 §6.9). Two things shape the grants:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from backend.h2grpc.frames import FLOW_CONTROL_ERROR, ConnectionLevelError, window_update
-
-if TYPE_CHECKING:
-    from backend.h2grpc.calls import Stream
-    from backend.h2grpc.sending import Sender
+from backend.h2grpc.frames import FLOW_CONTROL_ERROR, ConnectionLevelError, Status, window_update
+from backend.h2grpc.stream import Stream
 
 # What we let a client send before it must wait for our WINDOW_UPDATE, per
 # stream (SETTINGS_INITIAL_WINDOW_SIZE) and per connection. Request messages
@@ -47,9 +44,13 @@ class RequestBytes:
 
 class Inflow:
     def __init__(
-        self, sender: Sender, max_message_bytes: int, max_buffered: int, pool: RequestBytes
+        self,
+        write: Callable[[bytes], None],
+        max_message_bytes: int,
+        max_buffered: int,
+        pool: RequestBytes,
     ) -> None:
-        self.sender = sender
+        self.write = write  # frames out (outflow.Sender.write)
         self.max_message_bytes = max_message_bytes
         self.max_buffered = max_buffered
         self.pool = pool
@@ -84,49 +85,94 @@ class Inflow:
         if short > 0:
             self.returned += short
         if short > 0 or self.returned >= RECV_WINDOW // 2:
-            self.sender.write(window_update(0, self.returned))
+            self.write(window_update(0, self.returned))
             self.window += self.returned
             self.returned = 0
 
-    def hold(self, stream: Stream, payload: bytes) -> tuple[int, str] | None:
+    def hold(self, stream: Stream, payload: bytes) -> tuple[Status, str] | None:
         """Keep `payload` for the stream's request; a status to end the call
         with when it cannot be kept (see the module docstring)."""
-        body = stream.body
-        body += payload
+        if stream.streaming:
+            return self._hold_streaming(stream, payload)
+        owed = stream.need is not None
+        stream.keep(payload)
         self.buffered += len(payload)
-        if stream.need is not None:
-            stream.need -= len(payload)
+        if owed:
             self.owed -= len(payload)  # held now, owed no more: the total is unchanged
-            if stream.need < 0:  # a unary call carries one message
-                return 13, "the request must be exactly one message"
+            if stream.need is not None and stream.need < 0:  # a unary call carries one message
+                return Status.INTERNAL, "the request must be exactly one message"
             return None
         self._count(len(payload))
+        body = stream.body
         if len(body) < 5:
             return None
         declared = int.from_bytes(body[1:5], "big")
         limit = self.max_message_bytes
         if declared > limit:
-            return 8, f"Received message larger than max ({declared} vs. {limit})"
+            return (
+                Status.RESOURCE_EXHAUSTED,
+                f"Received message larger than max ({declared} vs. {limit})",
+            )
         need = 5 + declared - len(body)
         if need < 0:
-            return 13, "the request must be exactly one message"
+            return Status.INTERNAL, "the request must be exactly one message"
         if self.buffered + self.owed + need > self.max_buffered:
-            return 8, "too many request bytes waiting on this connection"
+            return Status.RESOURCE_EXHAUSTED, "too many request bytes waiting on this connection"
         if self.pool.held + need > self.pool.limit:
-            return 8, "too many request bytes waiting in this worker"
-        stream.need = need
+            return Status.RESOURCE_EXHAUSTED, "too many request bytes waiting in this worker"
+        stream.expect(need)
         self.owed += need
         self._count(need)
         if need > stream.recv_window:  # a message larger than the initial window
-            self.sender.write(window_update(stream.id, need - stream.recv_window))
-            stream.recv_window = need
+            self.write(window_update(stream.id, stream.widen(need)))
         self.give_back(0)
         return None
 
+    def _hold_streaming(self, stream: Stream, payload: bytes) -> tuple[Status, str] | None:
+        """A request stream's bytes: its handler takes them a message at a
+        time (next_message), and only then does the stream's window come
+        back; so the stream window paces the peer, and the connection window
+        is given back at once (a handler that stops reading blocks its own
+        stream, not the connection's others)."""
+        stream.keep(payload)
+        size = len(payload)
+        self.buffered += size
+        self._count(size)
+        self.give_back(size)
+        if self.buffered > self.max_buffered:
+            return Status.RESOURCE_EXHAUSTED, "too many request bytes waiting on this connection"
+        if self.pool.held > self.pool.limit:
+            return Status.RESOURCE_EXHAUSTED, "too many request bytes waiting in this worker"
+        return None
+
+    def next_message(self, stream: Stream) -> bytes | tuple[Status, str] | None:
+        """A request stream's next whole message (its window goes back), None
+        until it has come, or a status to end the call with."""
+        body = stream.body
+        if len(body) < 5:
+            return None
+        declared = int.from_bytes(body[1:5], "big")
+        if declared > self.max_message_bytes:
+            limit = self.max_message_bytes
+            return (
+                Status.RESOURCE_EXHAUSTED,
+                f"Received message larger than max ({declared} vs. {limit})",
+            )
+        size = 5 + declared
+        missing = size - len(body)
+        if missing > 0:
+            if missing > stream.recv_window:  # larger than the window: make room
+                self.write(window_update(stream.id, stream.widen(missing)))
+            return None
+        message = stream.take_message(size)
+        self.buffered -= size
+        self._count(-size)
+        self.write(window_update(stream.id, stream.widen(stream.recv_window + size)))
+        return message
+
     def take(self, stream: Stream) -> bytes:
         """The stream's request, for its handler: its window goes back."""
-        body = bytes(stream.body)
-        stream.body = bytearray()
+        body = stream.take_body()
         self.buffered -= len(body)
         self._count(-len(body))
         self.give_back(len(body))
@@ -134,11 +180,9 @@ class Inflow:
 
     def release(self, stream: Stream) -> None:
         """The stream ended without its handler taking the request: drop it."""
-        self.buffered -= len(stream.body)
-        self._count(-len(stream.body))
-        if stream.need is not None:
-            self.owed -= stream.need
-            self._count(-stream.need)
-            stream.need = 0
-        self.give_back(len(stream.body))
-        stream.body = bytearray()
+        held, owed = stream.drop_body()
+        self.buffered -= held
+        self.owed -= owed
+        self._count(-(held + owed))
+        if not stream.streaming:  # a request stream's went back on arrival
+            self.give_back(held)

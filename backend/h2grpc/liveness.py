@@ -6,13 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sized
+from typing import Protocol
 
 from backend.h2grpc.frames import ACK, ENHANCE_YOUR_CALM, PING, ConnectionLevelError, frame
-
-if TYPE_CHECKING:
-    from backend.h2grpc.connection import Connection
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +27,41 @@ MAX_UNANSWERED_PINGS = 100
 IDLE_CLOSE_GRACE = 1.0
 
 
+class Host(Protocol):
+    """What liveness needs of its connection (connection.Connection)."""
+
+    @property
+    def closing(self) -> bool: ...
+    @property
+    def preface_seen(self) -> bool: ...
+    @property
+    def peer(self) -> str: ...
+    @property
+    def streams(self) -> Sized: ...
+
+    def write(self, data: bytes) -> None: ...
+    def goaway(self) -> None: ...
+    def close(self) -> None: ...
+    def dropped(self, kind: str, message: str, *args: object) -> None: ...
+
+
+class Timeouts(Protocol):
+    """The server's settings liveness reads (server.Server)."""
+
+    @property
+    def handshake_timeout(self) -> float: ...
+    @property
+    def keepalive_time(self) -> float: ...
+    @property
+    def keepalive_timeout(self) -> float: ...
+    @property
+    def idle_timeout(self) -> float: ...
+
+
 class Liveness:
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Host, timeouts: Timeouts) -> None:
         self.conn = conn
+        self.timeouts = timeouts
         self.last_activity = time.monotonic()  # the last bytes from the peer
         self.idle_since = time.monotonic()  # when the last stream ended
         self.ping_outstanding = False  # our keepalive PING waits for its ACK
@@ -44,7 +73,7 @@ class Liveness:
         self.timers[name] = asyncio.get_running_loop().call_later(delay, callback)
 
     def start(self) -> None:
-        server = self.conn.server
+        server = self.timeouts
         self._later("preface", server.handshake_timeout, self._preface_expired)
         self._schedule_keepalive()
         if server.idle_timeout > 0:
@@ -58,7 +87,7 @@ class Liveness:
     def _preface_expired(self) -> None:
         conn = self.conn
         if not conn.preface_seen:
-            conn.server.drops.warn(
+            conn.dropped(
                 "no_preface", "closing connection from %s: no HTTP/2 preface in time", conn.peer
             )
             conn.close()
@@ -70,7 +99,7 @@ class Liveness:
         now = time.monotonic()
         if "ack" not in self.timers and now - self.last_ping_ack >= PING_ACK_INTERVAL:
             self.last_ping_ack = now
-            self.conn.sender.write(frame(PING, ACK, 0, payload))
+            self.conn.write(frame(PING, ACK, 0, payload))
             return
         if len(self.ping_payloads) >= MAX_UNANSWERED_PINGS:
             raise ConnectionLevelError(ENHANCE_YOUR_CALM, "too many unanswered pings")
@@ -81,7 +110,7 @@ class Liveness:
     def _ack_pings(self) -> None:
         del self.timers["ack"]
         self.last_ping_ack = time.monotonic()
-        self.conn.sender.write(b"".join(frame(PING, ACK, 0, p) for p in self.ping_payloads))
+        self.conn.write(b"".join(frame(PING, ACK, 0, p) for p in self.ping_payloads))
         self.ping_payloads.clear()
 
     def on_ping_ack(self) -> None:
@@ -90,7 +119,7 @@ class Liveness:
     # ---- keepalive -------------------------------------------------------------
 
     def _schedule_keepalive(self) -> None:
-        keepalive_time = self.conn.server.keepalive_time
+        keepalive_time = self.timeouts.keepalive_time
         if keepalive_time > 0 and not self.conn.closing:
             self._later("keepalive", keepalive_time, self._keepalive_check)
 
@@ -98,7 +127,7 @@ class Liveness:
         conn = self.conn
         if conn.closing:
             return
-        server = conn.server
+        server = self.timeouts
         idle = time.monotonic() - self.last_activity
         if self.ping_outstanding and idle >= server.keepalive_timeout:
             log.info("peer %s did not answer a keepalive ping: closing", conn.peer)
@@ -106,7 +135,7 @@ class Liveness:
             return
         if idle >= server.keepalive_time and not self.ping_outstanding:
             self.ping_outstanding = True
-            conn.sender.write(frame(PING, 0, 0, b"keepaliv"))
+            conn.write(frame(PING, 0, 0, b"keepaliv"))
             self._later("keepalive", server.keepalive_timeout, self._keepalive_check)
             return
         self._schedule_keepalive()
@@ -122,7 +151,7 @@ class Liveness:
         conn = self.conn
         if conn.closing:
             return
-        timeout = conn.server.idle_timeout
+        timeout = self.timeouts.idle_timeout
         left = timeout - (time.monotonic() - self.idle_since)
         if conn.streams or left > 0:
             self._later("idle", left if left > 0 else timeout, self._idle_check)

@@ -1,5 +1,7 @@
-"""The server: its settings, the listening sockets, the connection cap, and a
-graceful stop."""
+"""The server: its settings, the listening sockets, the connection cap (which
+evicts the connection idle longest to let a new one in), and a graceful stop.
+The top layer: it wires a `calls.Dispatcher` into every `connection.Connection`
+it accepts."""
 
 from __future__ import annotations
 
@@ -7,10 +9,12 @@ import asyncio
 import logging
 import time
 
-from backend.h2grpc import calls
-from backend.h2grpc.calls import Method, Stream
+from backend.h2grpc.calls import Dispatcher, Method
 from backend.h2grpc.connection import Connection
+from backend.h2grpc.frames import Status
+from backend.h2grpc.headers import HeaderBytes
 from backend.h2grpc.inflow import RECV_WINDOW, RequestBytes
+from backend.h2grpc.pace import Pacer
 
 log = logging.getLogger(__name__)
 
@@ -63,43 +67,73 @@ class Server:
         max_connections: int = 0,
         max_buffered_total: int = 0,
         auth_exempt: tuple[str, ...] = (),
+        idle_calls: tuple[str, ...] = (),
     ) -> None:
         self.methods = methods
-        self.auth = f"Bearer {auth_token}".encode() if auth_token else None
-        # Path prefixes served without the token (the standard health service).
-        self.auth_exempt = tuple(p.encode() for p in auth_exempt)
+        self.calls = Dispatcher(methods, max_message_bytes, auth_token, auth_exempt, idle_calls)
         self.max_message_bytes = max_message_bytes
         # Request bytes one connection may hold in unfinished calls, and all
         # connections together (inflow.py).
         self.max_buffered = max_message_bytes + RECV_WINDOW
         self.request_bytes = RequestBytes(max_buffered_total or 4 * self.max_buffered)
+        self.header_bytes = HeaderBytes()
+        self.pacer = Pacer()
         self.max_concurrent_streams = max_concurrent_streams
         self.keepalive_time = keepalive_time
         self.keepalive_timeout = keepalive_timeout
         self.handshake_timeout = handshake_timeout  # for the client preface
         self.idle_timeout = idle_timeout  # no open stream that long: GOAWAY, close (0: never)
-        self.max_connections = max_connections  # beyond: closed on arrival (0: no cap)
+        self.max_connections = max_connections  # see admit (0: no cap)
         self.refused_connections = 0
         self.drops = DropLog()
         self.connections: set[Connection] = set()
+        # Connections without a call running, the one idle longest first.
+        self.idle: dict[Connection, None] = {}
         self.listeners: list[asyncio.Server] = []
         self.stopping = False
-        self.tasks: dict[asyncio.Task[None], Stream] = {}
+
+    def release(self, conn: Connection) -> None:
+        """The connection is gone."""
+        self.connections.discard(conn)
+        self.idle.pop(conn, None)
+
+    def busy(self, conn: Connection, busy: bool) -> None:
+        """`conn` has a call running now, or (False) none any more."""
+        if busy:
+            self.idle.pop(conn, None)
+        elif conn in self.connections:
+            self.idle[conn] = None  # idle from now: the newest
 
     def admit(self, conn: Connection) -> bool:
-        """Count a new connection in, unless the cap is reached."""
-        if not self.max_connections or len(self.connections) < self.max_connections:
-            self.connections.add(conn)
-            return True
-        self.refused_connections += 1
-        self.drops.warn(
-            "over_cap",
-            "%d connections open (the cap): closing new ones (%d so far), latest from %s",
-            len(self.connections),
-            self.refused_connections,
-            conn.peer,
-        )
-        return False
+        """Count a new connection in. At the cap, the connection idle longest
+        (no call running; one that never sent its preface counts as idle) is
+        evicted to make room: a full server still admits the gateway. Only
+        when every connection has a call running (not counting `idle_calls`,
+        health watches) is the newcomer refused."""
+        if self.max_connections and len(self.connections) >= self.max_connections:
+            victim = next(iter(self.idle), None)
+            if victim is None:
+                self.refused_connections += 1
+                self.drops.warn(
+                    "over_cap",
+                    "%d connections open (the cap), each with a call running: closing new "
+                    "ones (%d so far), latest from %s",
+                    len(self.connections),
+                    self.refused_connections,
+                    conn.peer,
+                )
+                return False
+            self.drops.warn(
+                "evicted",
+                "%d connections open (the cap): closing the one idle longest, from %s",
+                len(self.connections),
+                victim.peer,
+            )
+            self.release(victim)
+            victim.evict()
+        self.connections.add(conn)
+        self.idle[conn] = None
+        return True
 
     async def listen(self, addr: str) -> int:
         """Bind `host:port`, `[v6]:port` or `unix:/path`; returns the bound port (0 for unix)."""
@@ -128,12 +162,13 @@ class Server:
             listener.close()
         for conn in list(self.connections):
             conn.goaway()
-        if self.tasks:
-            _, late = await asyncio.wait(list(self.tasks), timeout=grace)
+        tasks = self.calls.tasks
+        if tasks:
+            _, late = await asyncio.wait(list(tasks), timeout=grace)
             for task in late:
-                stream = self.tasks.get(task)
-                if stream is not None:
-                    calls.cancel(stream, (14, "Cancelling all calls"))
+                call = tasks.get(task)
+                if call is not None:
+                    call.cancel(Status.UNAVAILABLE, "Cancelling all calls")
             if late:
                 await asyncio.wait(late, timeout=5.0)
         for conn in list(self.connections):

@@ -110,6 +110,7 @@ class Peer:
         self.eof = False  # the server closed: everything it sent before is parsed
         self.write_failed = False  # a write failed (the server reset or closed)
         self.frames_in = 0
+        self.settings_acks = 0
         self.conn_window = 65_535
         self.initial_window = 65_535
         self.stream_credit: dict[int, int] = defaultdict(int)  # WINDOW_UPDATEs per stream
@@ -168,23 +169,31 @@ class Peer:
         )
 
     def send_data(
-        self, sid: int, total: int, deadline: float, stream_window: bool = True, first: bytes = b""
+        self,
+        sid: int,
+        total: int,
+        deadline: float,
+        stream_window: bool = True,
+        first: bytes = b"",
+        stall: float = 2.0,
     ) -> int:
         """Send `first` then zeros as DATA on `sid`, `total` bytes in all,
         within the windows granted (the stream's only if `stream_window`).
-        Stops at the deadline, a GOAWAY, closing or a reset of `sid`.
-        Returns the bytes the server let in."""
+        Stops at a GOAWAY, closing, a reset of `sid`, when the server has
+        granted no window for `stall` seconds (it withholds it), or at the
+        deadline (a guard against a hang). Returns the bytes the server let in."""
         done = 0
         body = first
         while done < total and time.monotonic() < deadline:
             with self.cv:
+                waited_since = time.monotonic()
                 while True:
                     if self.goaway or self.eof or sid in self.resets:
                         return done
                     room = self.window(sid) if stream_window else self.conn_window
                     if room > 0:
                         break
-                    left = deadline - time.monotonic()
+                    left = min(deadline, waited_since + stall) - time.monotonic()
                     if left <= 0:
                         return done
                     self.cv.wait(min(left, 0.1))
@@ -240,7 +249,9 @@ class Peer:
 
     def _frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
         self.frames_in += 1
-        if kind == SETTINGS and not flags & ACK:
+        if kind == SETTINGS and flags & ACK:
+            self.settings_acks += 1
+        elif kind == SETTINGS and not flags & ACK:
             for off in range(0, len(payload) - 5, 6):
                 key, value = struct.unpack_from(">HI", payload, off)
                 if key == 4:

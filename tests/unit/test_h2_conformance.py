@@ -363,37 +363,65 @@ def test_an_idle_connection_gets_goaway_no_error_then_is_closed() -> None:
         running.close()
 
 
-def test_connections_beyond_the_cap_are_closed_and_the_others_served() -> None:
+def _health(client: H2Client) -> None:
+    sid = client.call("Health", pb.HealthMessage())
+    assert client.pump(lambda: client.streams[sid].ended)
+    assert client.streams[sid].status() == (0, "")
+
+
+def _long_call(client: H2Client) -> int:
+    """A stream running until the test ends (its first message has arrived:
+    the server counts the call as running)."""
+    sid = client.call("PredictStream", pb.PredictOptions(Tokens=10_000, TopP=20))
+    assert client.pump(lambda: len(client.streams[sid].body) > 0)
+    return sid
+
+
+def _evicted(client: H2Client) -> None:
+    assert _closed(client, 5), "the connection idle longest was kept"
+    assert client.terminated is not None
+    assert client.terminated.error_code == h2_errors.ErrorCodes.NO_ERROR
+    assert client.terminated.additional_data == b"connection cap reached"
+
+
+def test_at_the_cap_the_connection_idle_longest_makes_room_for_a_new_one() -> None:
+    """With 3 connections open (the cap), a new one is admitted and the one
+    without a call running for the longest is closed (GOAWAY(NO_ERROR), which
+    a client follows by reconnecting); connections with calls running are
+    never evicted, and only when all have one is the newcomer refused."""
     running = Running(max_connections=3)
-    clients = [H2Client(running.addr) for _ in range(3)]
+    a, b, c = (H2Client(running.addr) for _ in range(3))
+    clients = [a, b, c]
     try:
-        for c in clients:
-            sid = c.call("Health", pb.HealthMessage())
-            assert c.pump(lambda c=c, sid=sid: c.streams[sid].ended)
-        extra = H2Client(running.addr)
+        for client in (c, a, b):  # idle longest: c, then a, then b
+            _health(client)
+        busy_b = _long_call(b)
+        d = H2Client(running.addr)  # c goes: idle longest
+        clients.append(d)
+        _health(d)
+        _evicted(c)
+        e = H2Client(running.addr)  # a goes (b has a call running)
+        clients.append(e)
+        _health(e)
+        _evicted(a)
+        _health(d)  # the survivors are served
+        for client in (d, e):
+            _long_call(client)
+        f = H2Client(running.addr)  # every connection has a call running: refused
         try:
-            assert _closed(extra, 5), "the connection over the cap was kept"
-            assert extra.terminated is not None
-            assert extra.terminated.error_code == h2_errors.ErrorCodes.ENHANCE_YOUR_CALM
-            assert extra.terminated.additional_data == b"too many connections"
+            assert _closed(f, 5), "a connection over the cap was kept"
+            assert f.terminated is not None
+            assert f.terminated.error_code == h2_errors.ErrorCodes.ENHANCE_YOUR_CALM
+            assert f.terminated.additional_data == b"too many connections"
         finally:
-            extra.close()
-        for c in clients:  # the first three are still served
-            sid = c.call("Predict", pb.PredictOptions(Prompt="ok"))
-            assert c.pump(lambda c=c, sid=sid: c.streams[sid].ended)
-            assert c.streams[sid].status() == (0, "")
-        clients.pop().close()  # a place frees up
-        deadline = time.monotonic() + 5
-        while len(running.server.connections) > 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        again = H2Client(running.addr)
-        clients.append(again)
-        sid = again.call("Health", pb.HealthMessage())
-        assert again.pump(lambda: again.streams[sid].ended)
-        assert again.streams[sid].status() == (0, "")
+            f.close()
+        before = len(b.streams[busy_b].body)
+        assert b.pump(lambda: len(b.streams[busy_b].body) > before)  # b's call runs on
+        assert b.terminated is None and not b.streams[busy_b].ended
+        assert running.server.drops.totals == {"evicted": 2, "over_cap": 1}
     finally:
-        for c in clients:
-            c.close()
+        for client in clients:
+            client.close()
         running.close()
 
 

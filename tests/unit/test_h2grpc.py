@@ -6,7 +6,10 @@ never sends. No engine: a small servicer on the Backend service stands in.
 from __future__ import annotations
 
 import asyncio
+import base64
+import gzip
 import logging
+import random
 import socket
 import struct
 import time
@@ -20,7 +23,7 @@ import pytest
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
 from backend.h2grpc import connection as connection_module
-from backend.h2grpc import frames, liveness
+from backend.h2grpc import frames, liveness, pace
 from backend.h2grpc import server as server_module
 from backend.h2grpc.connection import Connection
 from backend.h2grpc.server import Server
@@ -469,3 +472,209 @@ class RawClient:
                 headers += [(str(k), str(v)) for k, v in self.decoder.decode(payload)]
             if flags & frames.END_STREAM or kind == frames.RST_STREAM:
                 return headers
+
+
+# ---- what one peer may cost (issue 23) -----------------------------------------
+
+REQUEST_HEADERS = [
+    (":method", "POST"), (":scheme", "http"), (":path", "/backend.Backend/Health"),
+    (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers"),
+]  # fmt: skip
+
+
+def _compressed(message: Any, data: bytes | None = None) -> bytes:
+    raw = gzip.compress(data if data is not None else message.SerializeToString())
+    return struct.pack(">BI", 1, len(raw)) + raw
+
+
+def _send_body(raw: RawClient, sid: int, body: bytes) -> None:
+    for i in range(0, len(body), frames.MAX_FRAME):
+        last = i + frames.MAX_FRAME >= len(body)
+        raw.send(frames.DATA, frames.END_STREAM if last else 0, sid, body[i : i + frames.MAX_FRAME])
+
+
+def test_a_compression_bomb_is_refused_early_and_a_second_closes_the_connection() -> None:
+    """A message inflating past 100 times its size ends RESOURCE_EXHAUSTED
+    after inflating at most that much (never the 64 MiB it would make); the
+    second on a connection gets GOAWAY(ENHANCE_YOUR_CALM). Ordinary
+    compressed requests, and one within the ratio but over the message limit,
+    are answered as before."""
+    running = Running(max_message_bytes=64 * 2**20)
+    try:
+        with RawClient(running.port) as raw:
+            raw.open(1, "/backend.Backend/Predict", ("grpc-encoding", "gzip"))
+            prompt = "compress me " * 1000  # 12 KB, 150 times smaller: under the 1 MiB floor
+            _send_body(raw, 1, _compressed(pb.PredictOptions(Prompt=prompt)))
+            assert ("grpc-status", "0") in raw.read_until_end(1)
+            bomb = _compressed(None, bytes(64 * 2**20))  # ~64 KiB: 1,000 times
+            for sid in (3, 5):
+                raw.open(sid, "/backend.Backend/Predict", ("grpc-encoding", "gzip"))
+                _send_body(raw, sid, bomb)
+            headers = dict(raw.read_until_end(3))
+            assert headers["grpc-status"] == "8", headers
+            assert "compression bomb" in headers["grpc-message"], headers
+            _kind, _flags, _sid, payload = raw.read_frame(lambda f: f[0] == frames.GOAWAY)
+            assert int.from_bytes(payload[4:8], "big") == frames.ENHANCE_YOUR_CALM, payload
+            assert payload[8:] == b"compression bombs"
+    finally:
+        running.close()
+    small = Running(max_message_bytes=2**20)
+    try:
+        with RawClient(small.port) as raw:  # 2 MiB of text in ~8 KiB: within the ratio floor
+            raw.open(1, "/backend.Backend/Predict", ("grpc-encoding", "gzip"))
+            _send_body(raw, 1, _compressed(None, b"ab" * 2**20))
+            headers = dict(raw.read_until_end(1))
+            assert headers["grpc-status"] == "8", headers
+            assert headers["grpc-message"] == "decompressed message larger than max", headers
+    finally:
+        small.close()
+
+
+def test_inflating_yields_to_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large compressed message is inflated a step at a time with the loop
+    running between steps: an 8 MiB request (at 256 KiB a step) is still
+    inflating when another connection's Health is answered."""
+    from backend.h2grpc import messages
+
+    steps: list[int] = []
+    original = messages.zlib.decompressobj
+
+    class Counting:
+        def __init__(self, wbits: int) -> None:
+            self.inner = original(wbits)
+
+        def decompress(self, data: bytes, max_length: int) -> bytes:
+            out = self.inner.decompress(data, max_length)
+            steps.append(len(out))
+            return out
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(messages.zlib, "decompressobj", Counting)
+    running = Running(max_message_bytes=64 * 2**20)
+    try:
+        text = base64.b64encode(random.Random(0).randbytes(6 * 2**20)).decode()
+        big = pb.PredictOptions(Prompt=text)  # 8 MiB, compressing ~1.3 times
+        payload = gzip.compress(big.SerializeToString(), compresslevel=1)
+        with RawClient(running.port) as raw, running.channel() as channel:
+            stub = backend_pb2_grpc.BackendStub(channel)
+            # PredictStream with Tokens 0 answers at once, without echoing the prompt.
+            raw.open(1, "/backend.Backend/PredictStream", ("grpc-encoding", "gzip"))
+            _send_body(raw, 1, struct.pack(">BI", 1, len(payload)) + payload)
+            assert _wait(lambda: len(steps) >= 2)
+            assert stub.Health(pb.HealthMessage(), timeout=10).message == b"OK"
+            during = len(steps)
+            headers = dict(raw.read_until_end(1))
+        assert headers.get("grpc-status") == "0", headers
+        assert max(steps) <= messages.INFLATE_STEP
+        assert during < len(steps), (during, len(steps))  # Health came between the steps
+    finally:
+        running.close()
+
+
+def test_header_limits_are_advertised_and_enforced(server: Running) -> None:
+    """SETTINGS_MAX_HEADER_LIST_SIZE 16 KiB (C-core's); more than 64 fields is
+    refused with RESOURCE_EXHAUSTED, the connection kept; a list beyond the
+    advertised size closes the connection (ENHANCE_YOUR_CALM: the HPACK state
+    is lost mid-block)."""
+    with RawClient(server.port) as raw:
+        _kind, _flags, _sid, payload = raw.read_frame(lambda f: f[0] == frames.SETTINGS)
+        settings = dict(struct.iter_unpack(">HI", payload))
+        assert settings[frames.S_MAX_HEADER_LIST_SIZE] == 16 * 1024
+        many = tuple((f"x-{i}", "v") for i in range(64))
+        raw.request(1, "/backend.Backend/Health", pb.HealthMessage(), *many)
+        headers = dict(raw.read_until_end(1))
+        assert headers["grpc-status"] == "8", headers
+        assert "70 header fields, more than 64" in headers["grpc-message"], headers
+        raw.request(3, "/backend.Backend/Health", pb.HealthMessage())
+        assert ("grpc-status", "0") in raw.read_until_end(3)
+        raw.request(5, "/backend.Backend/Health", pb.HealthMessage(), ("x-big", "v" * 17_000))
+        _kind, _flags, _sid, payload = raw.read_frame(lambda f: f[0] == frames.GOAWAY)
+        assert int.from_bytes(payload[4:8], "big") == frames.ENHANCE_YOUR_CALM, payload
+
+
+def test_unfinished_requests_headers_are_bounded_per_worker_oldest_ended_first() -> None:
+    """Requests whose HEADERS came but not their END_STREAM hold their decoded
+    headers. Past the worker's budget the oldest such request is ended
+    (RESOURCE_EXHAUSTED) to make room, so a new request is never refused for
+    it; a complete request no longer counts."""
+    running = Running()
+    pool = running.server.header_bytes
+    try:
+        clients = [RawClient(running.port) for _ in range(3)]
+        big = ("x-pad", "p" * 6000)
+        clients[0].open(1, "/backend.Backend/Health", big)
+        assert _wait(lambda: pool.held > 6000)
+        pool.limit = 2 * pool.held + 100  # room for two such requests
+        clients[1].open(1, "/backend.Backend/Health", big)
+        assert _wait(lambda: len(pool.waiting) == 2)
+        clients[2].open(1, "/backend.Backend/Health", big)  # the oldest goes
+        headers = dict(clients[0].read_until_end(1))
+        assert headers["grpc-status"] == "8", headers
+        assert "budget for header bytes" in headers["grpc-message"], headers
+        for raw in clients[1:]:  # the others complete and are served
+            raw.send(frames.DATA, frames.END_STREAM, 1, grpc_message(pb.HealthMessage()))
+            assert ("grpc-status", "0") in raw.read_until_end(1)
+        assert _wait(lambda: pool.held == 0 and not pool.waiting), pool.held
+        for raw in clients:
+            raw.sock.close()
+    finally:
+        running.close()
+
+
+def test_a_read_of_many_frames_is_handled_over_several_loop_turns(
+    server: Running, stub: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no time at all for a turn (TURN_S 0), every frame waits for its
+    own loop turn: 2,000 requests sent in one write are still all answered,
+    and another client is served meanwhile."""
+    monkeypatch.setattr(pace, "TURN_S", 0.0)
+    with RawClient(server.port) as raw:
+        body = grpc_message(pb.HealthMessage())
+        block = b""
+        for sid in range(1, 4001, 2):  # hpack-indexed after the first
+            fields = raw.encoder.encode(REQUEST_HEADERS)
+            block += frames.frame(frames.HEADERS, frames.END_HEADERS, sid, fields)
+            block += frames.frame(frames.DATA, frames.END_STREAM, sid, body)
+        raw.sock.sendall(block)
+        assert stub.Health(pb.HealthMessage(), timeout=10).message == b"OK"
+        ended = 0
+        while ended < 2000:
+            kind, flags, _sid, _ = raw.read_frame()
+            ended += kind == frames.HEADERS and bool(flags & frames.END_STREAM)
+        assert server.servicer.health_calls >= 2001
+
+
+def test_a_peer_that_never_reads_is_no_longer_read(server: Running) -> None:
+    """50,000 Health requests, not a byte of the replies read: the server stops
+    handling them once its replies back up (asyncio's pause_writing),
+    including those it had read already. A server that went on would handle
+    all 50,000 and queue their replies in memory."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    assert _wait(lambda: len(server.server.connections) == 1)
+    try:
+        encoder = hpack.Encoder()
+        sock.sendall(frames.PREFACE + frames.frame(frames.SETTINGS, 0, 0))
+        body = grpc_message(pb.HealthMessage())
+        batch = b"".join(
+            frames.frame(frames.HEADERS, frames.END_HEADERS, sid, encoder.encode(REQUEST_HEADERS))
+            + frames.frame(frames.DATA, frames.END_STREAM, sid, body)
+            for sid in range(1, 100_001, 2)
+        )
+        sock.setblocking(False)
+        sent = 0
+        conn = next(iter(server.server.connections))  # the test's own: the only one
+        deadline = time.monotonic() + 60
+        while "socket" not in conn.holds and time.monotonic() < deadline:
+            try:
+                sent += sock.send(batch[sent : sent + 65536])
+            except BlockingIOError:
+                time.sleep(0.01)
+        assert "socket" in conn.holds, "the replies never backed up"
+        handled = server.servicer.health_calls
+        time.sleep(0.5)
+        assert server.servicer.health_calls == handled  # it stopped, not slowed
+        assert handled < 40_000, handled
+    finally:
+        sock.close()

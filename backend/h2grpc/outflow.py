@@ -5,10 +5,10 @@ its SETTINGS and WINDOW_UPDATE frames set)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import struct
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
+from backend.h2grpc.flood import Flood
 from backend.h2grpc.frames import (
     ACK,
     DATA,
@@ -27,35 +27,40 @@ from backend.h2grpc.frames import (
     ConnectionLevelError,
     frame,
 )
-
-if TYPE_CHECKING:
-    from backend.h2grpc.calls import Stream
-    from backend.h2grpc.connection import Connection
-
-# Each DATA frame sent earns the peer this many WINDOW_UPDATEs that are not
-# counted as a flood (its stream's and the connection's; connection.ABUSE_LIMIT),
-# up to UPDATE_CREDIT_MAX kept.
-UPDATES_PER_DATA_FRAME = 2
-UPDATE_CREDIT_MAX = 65_536
+from backend.h2grpc.stream import Stream
 
 
 class Sender:
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
+    """`sent(stream)` is called when trailers that waited for window have left
+    (the connection then forgets the stream)."""
+
+    def __init__(self, flood: Flood, sent: Callable[[Stream], None]) -> None:
+        self.flood = flood
+        self.sent = sent
+        self.transport: asyncio.Transport | None = None
+        self.closed = False  # the connection is closing: nothing more is written
         self.out: list[bytes] = []  # frames queued for this loop iteration's write
         self.flush_scheduled = False
         self.window = DEFAULT_WINDOW  # the peer's connection window
-        self.initial_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
+        # The peer's SETTINGS_INITIAL_WINDOW_SIZE: a stream's send window is
+        # this plus its `send_credit`.
+        self.initial_window = DEFAULT_WINDOW
         self.max_frame = MAX_FRAME  # the peer's SETTINGS_MAX_FRAME_SIZE
         self.blocked: dict[int, Stream] = {}  # streams with data waiting for window
         self.paused: asyncio.Future[None] | None = None  # the socket's buffer is full
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def stop(self) -> None:
+        """The connection is closing: what is queued from now on is dropped."""
+        self.closed = True
 
     def write(self, data: bytes) -> None:
         """Queue `data`; everything queued in one event-loop iteration leaves in
         one socket write. At concurrency N one engine step wakes N streams, and
         their N messages then cost one syscall instead of N."""
-        conn = self.conn
-        if conn.transport is None or conn.closing:
+        if self.transport is None or self.closed:
             return
         self.out.append(data)
         if not self.flush_scheduled:
@@ -64,29 +69,20 @@ class Sender:
 
     def flush(self) -> None:
         self.flush_scheduled = False
-        transport = self.conn.transport
-        if self.out and transport is not None and not self.conn.closing:
+        transport = self.transport
+        if self.out and transport is not None and not self.closed:
             transport.write(b"".join(self.out) if len(self.out) > 1 else self.out[0])
         self.out.clear()
 
     def pause(self) -> None:
-        """The socket's write buffer is above its high-water mark."""
+        """The socket's write buffer is above its high-water mark: handlers
+        wait before their next message (the connection stops reading)."""
         if self.paused is None or self.paused.done():
             self.paused = asyncio.get_running_loop().create_future()
-        # A peer that does not read its replies gets no more requests read
-        # (and answered) until it does: what we queue for it stays bounded.
-        transport = self.conn.transport
-        if transport is not None and not self.conn.closing:
-            with contextlib.suppress(RuntimeError):
-                transport.pause_reading()
 
     def resume(self) -> None:
         if self.paused is not None and not self.paused.done():
             self.paused.set_result(None)
-        transport = self.conn.transport
-        if transport is not None and not self.conn.closing:
-            with contextlib.suppress(RuntimeError):
-                transport.resume_reading()
 
     def release(self) -> None:
         """The connection is gone: nothing waits for the socket any more."""
@@ -99,26 +95,29 @@ class Sender:
         waiting for flow-control window or a slow socket as needed."""
         head = b""
         if not stream.headers_sent:
-            stream.headers_sent = True
+            stream.start_reply()
             head = frame(HEADERS, END_HEADERS, stream.id, RESPONSE_HEADERS)
         size = len(payload)
-        if not stream.pending and size <= self.window and size <= stream.send_window:
+        if (
+            not stream.pending
+            and size <= self.window
+            and size <= self.initial_window + stream.send_credit
+        ):
             self.window -= size
-            stream.send_window -= size
+            stream.spend(size)
             if size <= self.max_frame:
-                self._earn(1)
+                self.flood.earn(1)
                 self.write(head + frame(DATA, 0, stream.id, payload))
             else:
                 self.write(head + self._data_frames(stream.id, payload))
         else:
             if head:
                 self.write(head)
-            stream.pending += payload
+            stream.queue(payload)
             self.blocked[stream.id] = stream
             self.flush_pending()
         while stream.pending and not stream.done:
-            stream.drained = asyncio.get_running_loop().create_future()
-            await stream.drained
+            await stream.wait_drained()
         if stream.done:
             raise asyncio.CancelledError()
         if self.paused is not None and not self.paused.done():
@@ -126,17 +125,9 @@ class Sender:
 
     def _data_frames(self, stream_id: int, payload: bytes) -> bytes:
         step = self.max_frame
-        self._earn(-(-len(payload) // step))
+        self.flood.earn(-(-len(payload) // step))
         return b"".join(
             frame(DATA, 0, stream_id, payload[i : i + step]) for i in range(0, len(payload), step)
-        )
-
-    def _earn(self, data_frames: int) -> None:
-        """DATA frames sent earn the peer the WINDOW_UPDATEs that return their
-        window (not counted as a flood, see connection.ABUSE_LIMIT)."""
-        conn = self.conn
-        conn.update_credit = min(
-            conn.update_credit + UPDATES_PER_DATA_FRAME * data_frames, UPDATE_CREDIT_MAX
         )
 
     def flush_pending(self) -> None:
@@ -144,26 +135,25 @@ class Sender:
         for stream in list(self.blocked.values()):
             if self.window <= 0:
                 return
-            size = min(len(stream.pending), self.window, stream.send_window)
+            size = min(len(stream.pending), self.window, self.initial_window + stream.send_credit)
             if size <= 0:
                 continue
-            chunk = bytes(stream.pending[:size])
-            del stream.pending[:size]
+            chunk = stream.dequeue(size)
             self.window -= size
-            stream.send_window -= size
+            stream.spend(size)
             self.write(self._data_frames(stream.id, chunk))
             if stream.pending:
                 continue
             del self.blocked[stream.id]
-            if stream.drained is not None and not stream.drained.done():
-                stream.drained.set_result(None)
+            stream.wake()
             if stream.after:  # the status the handler already gave
-                self.write(stream.after)
-                stream.after = b""
-                self.conn.drop(stream.id)
+                self.write(stream.take_after())
+                self.sent(stream)
 
     def on_settings(self, payload: bytes) -> None:
-        """The peer's SETTINGS: what concerns sending (windows, frame size)."""
+        """The peer's SETTINGS: what concerns sending (windows, frame size).
+        A new initial window moves every stream's window through
+        `initial_window` alone: the cost is the entries', not entries times streams."""
         if len(payload) % 6:
             raise ConnectionLevelError(FRAME_SIZE_ERROR, "bad SETTINGS length")
         for off in range(0, len(payload), 6):
@@ -171,10 +161,7 @@ class Sender:
             if key == S_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise ConnectionLevelError(FLOW_CONTROL_ERROR, "initial window too large")
-                delta = value - self.initial_window
                 self.initial_window = value
-                for stream in self.conn.streams.values():
-                    stream.send_window += delta
             elif key == S_MAX_FRAME_SIZE:
                 if not MAX_FRAME <= value <= 16_777_215:
                     raise ConnectionLevelError(PROTOCOL_ERROR, "bad MAX_FRAME_SIZE")
@@ -182,31 +169,21 @@ class Sender:
         self.write(frame(SETTINGS, ACK, 0))
         self.flush_pending()
 
-    def on_window_update(self, stream_id: int, payload: bytes) -> None:
-        if len(payload) != 4:
-            raise ConnectionLevelError(FRAME_SIZE_ERROR, "bad WINDOW_UPDATE")
-        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
-        conn = self.conn
-        if stream_id == 0:
-            if increment == 0:
-                raise ConnectionLevelError(PROTOCOL_ERROR, "zero WINDOW_UPDATE")
-            self.window += increment
-            if self.window > MAX_WINDOW:
-                raise ConnectionLevelError(FLOW_CONTROL_ERROR, "connection window overflow")
-        else:
-            stream = conn.streams.get(stream_id)
-            if stream is None:
-                if stream_id > conn.last_stream_id:
-                    raise ConnectionLevelError(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
-                return
-            if stream.send_window + increment > MAX_WINDOW:
-                conn.reset(stream, FLOW_CONTROL_ERROR)  # RFC 9113 §6.9.1
-                return
-            stream.send_window += increment
-        self.flush_pending()
+    def open_window(self, increment: int) -> None:
+        """A WINDOW_UPDATE for the connection."""
+        self.window += increment
+        if self.window > MAX_WINDOW:
+            raise ConnectionLevelError(FLOW_CONTROL_ERROR, "connection window overflow")
+
+    def open_stream_window(self, stream: Stream, increment: int) -> bool:
+        """A WINDOW_UPDATE for `stream`; False if it would overflow its window
+        (a stream error, RFC 9113 §6.9.1)."""
+        if self.initial_window + stream.send_credit + increment > MAX_WINDOW:
+            return False
+        stream.credit(increment)
+        return True
 
     def drop(self, stream: Stream) -> None:
         """The stream was reset: what it still had to send is dropped."""
-        stream.pending = bytearray()
-        stream.after = b""
+        stream.drop_pending()
         self.blocked.pop(stream.id, None)
