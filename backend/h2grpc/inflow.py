@@ -81,12 +81,12 @@ class Inflow:
         kept, or handed to a handler); sent in batches of half the window, or
         at once when the window no longer covers what admitted messages need."""
         self.returned += size
-        short = self.owed - self.window - self.returned
-        if short > 0:
-            self.returned += short
+        # What the peer holds is `window`: `returned` is ours until it is sent.
+        short = self.owed - self.window
         if short > 0 or self.returned >= RECV_WINDOW // 2:
-            self.write(window_update(0, self.returned))
-            self.window += self.returned
+            grant = max(self.returned, short)
+            self.write(window_update(0, grant))
+            self.window += grant
             self.returned = 0
 
     def hold(self, stream: Stream, payload: bytes) -> tuple[Status, str] | None:

@@ -262,16 +262,12 @@ def test_an_image_the_processor_refuses_is_named_without_vllms_internals(vlm, pa
     assert "Traceback" not in vlm.log_since(start)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h2 transport: a request message larger than what is left of the connection "
-    "window (4 MiB minus bytes not yet given back, returned in 2 MiB batches) is never "
-    "granted a WINDOW_UPDATE; the call hangs until its deadline (grpcio serves it)",
-)
 def test_image_sized_requests_in_sequence_on_one_connection_are_all_answered(vlm):
     """Found measuring image costs: 680 kB, 680 kB, 170 kB, then 2.7 MB on a
-    fresh connection. Each request is refused at once (not base64 images), so
-    only the transport is exercised."""
+    fresh connection hung on the h2 transport: the window it still owed the
+    peer (given back in 2 MiB batches) was counted as granted, so a message
+    larger than what the peer had left never got a WINDOW_UPDATE. Each request
+    is refused at once (not base64 images), so only the transport is exercised."""
     import grpc as grpc_
 
     from backend.gen import backend_pb2_grpc

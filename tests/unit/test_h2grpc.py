@@ -60,6 +60,22 @@ def test_large_messages_both_ways(stub: backend_pb2_grpc.BackendStub) -> None:
     assert [len(r.message) for r in replies] == [3_000_000] * 3
 
 
+def test_requests_larger_than_the_window_left_in_sequence_are_all_answered(
+    server: Running,
+) -> None:
+    """680 kB, 680 kB, 170 kB, then 2.7 MB on one connection: the window still
+    due back to the client (given back in 2 MiB batches) was counted as
+    granted, so the last message, larger than what the client had left, never
+    got a WINDOW_UPDATE and its call hung until the deadline (found sending
+    images, tests/integration/test_vision.py)."""
+    options = ("grpc.use_local_subchannel_pool", 1)  # a connection of its own
+    with server.channel(("grpc.max_receive_message_length", 64 * 2**20), options) as channel:
+        stub = backend_pb2_grpc.BackendStub(channel)
+        for size in (680_000, 680_000, 170_000, 2_720_000):
+            reply = stub.Predict(pb.PredictOptions(Prompt="x" * size), timeout=20)
+            assert len(reply.message) == size
+
+
 def test_a_client_with_a_small_window_gets_everything(server: Running) -> None:
     """grpc's C-core client grants 64 KiB and no BDP growth: 2 MB of replies
     arrive whole. (That the server really stops at a window's edge and resumes
