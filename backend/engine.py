@@ -131,7 +131,10 @@ class Engine:
             # the start cannot be interrupted: wait for it (the caller still
             # holds the load lock, so no second engine starts meanwhile) and
             # stop the engine, so none outlives the request that asked for it.
-            log.warning("LoadModel cancelled during engine start: stopping the engine once up")
+            log.warning(
+                "LoadModel cancelled (deadline or client gone) during the engine start: "
+                "the engine is stopped once up; give LoadModel a longer deadline"
+            )
             try:
                 orphan = await asyncio.shield(starting)
             except Exception:
