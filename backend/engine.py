@@ -458,9 +458,14 @@ def _thread_binding(plan: LoadPlan) -> dict[str, str]:
     kw = plan.engine_kwargs
     ranks = int(kw.get("tensor_parallel_size") or 1) * int(kw.get("pipeline_parallel_size") or 1)
     cpus = [(c.id, c.physical_core) for c in get_allowed_cpu_list()]
-    bind, note = gateway_settings.thread_binding(plan.threads, cpus, ranks)
+    reserved = os.environ.get(gateway_settings.RESERVED_ENV, "")
+    bind, note = gateway_settings.thread_binding(
+        plan.threads, cpus, ranks, int(reserved) if reserved.isdigit() else ranks
+    )
     if note:
-        log.warning("LoadModel: %s", note)
+        # INFO: the gateway sends Threads (its default: the machine's cores) with
+        # every load; a smaller binding is the expected outcome, nothing to fix.
+        log.info("LoadModel: %s", note)
     if bind is None:
         return {}
     log.info("LoadModel: Threads=%d → %s=%s", plan.threads, gateway_settings.THREADS_ENV, bind)

@@ -36,11 +36,16 @@ IGNORED = dict(
 )
 
 
+# The worker runs with VLLM_CPU_NUM_OF_RESERVED_CPU=0, so Threads=2 can bind two
+# CPUs on a 2-CPU machine (by default vLLM's one reserved CPU stays free).
+RESERVED = 0
+
+
 def _expected_binding(threads: int) -> str:
     from vllm.utils.cpu_resource_utils import get_allowed_cpu_list
 
     cpus = [(c.id, c.physical_core) for c in get_allowed_cpu_list()]
-    bind, _ = gs.thread_binding(threads, cpus, 1)
+    bind, _ = gs.thread_binding(threads, cpus, 1, RESERVED)
     assert bind is not None
     return bind
 
@@ -68,7 +73,7 @@ def _load(worker: Worker, model_dir, **fields) -> Loaded:
 
 @pytest.fixture(scope="module")
 def worker():
-    w = Worker()
+    w = Worker(env={gs.RESERVED_ENV: str(RESERVED)})
     yield w
     w.stop()
 

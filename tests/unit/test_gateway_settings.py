@@ -239,22 +239,26 @@ def test_an_operators_binding_in_the_environment_wins_over_threads(monkeypatch):
 
 
 SMT = [(0, 0), (1, 1), (2, 0), (3, 1)]  # 2 cores, 2 threads each: 0/2 and 1/3 are siblings
+TWO = [(0, 0), (1, 1)]
 
 
 @pytest.mark.parametrize(
-    ("threads", "cpus", "ranks", "bind", "noted"),
+    ("threads", "cpus", "ranks", "reserved", "bind", "noted"),
     [
-        (1, [(0, 0), (1, 1)], 1, "0", False),
-        (2, [(0, 0), (1, 1)], 1, "0,1", False),
-        (2, SMT, 1, "0,1", False),  # one CPU per physical core first
-        (3, SMT, 1, "0,1,2", False),
-        (4, SMT, 2, "0,1|2,3", False),
-        (8, [(0, 0), (1, 1)], 1, "0,1", True),  # more than the machine has
-        (3, SMT, 2, "0|1", True),
+        (1, TWO, 1, 1, "0", False),
+        (2, TWO, 1, 1, "0", True),  # vLLM keeps one CPU for its scheduler and the worker
+        (2, TWO, 1, 0, "0,1", False),  # unless VLLM_CPU_NUM_OF_RESERVED_CPU=0
+        (2, SMT, 1, 1, "0,1", False),  # one CPU per physical core first
+        (3, SMT, 1, 1, "0,1,2", False),
+        (4, SMT, 1, 1, "0,1,2", True),
+        (4, SMT, 2, 0, "0,1|2,3", False),
+        (8, TWO, 1, 0, "0,1", True),  # more than the machine has
+        (3, SMT, 2, 2, "0|1", True),
+        (1, [(0, 0)], 1, 1, "0", False),  # one CPU: shared, as vLLM does
     ],
 )
-def test_thread_binding(threads, cpus, ranks, bind, noted):
-    got, note = gs.thread_binding(threads, cpus, ranks)
+def test_thread_binding(threads, cpus, ranks, reserved, bind, noted):
+    got, note = gs.thread_binding(threads, cpus, ranks, reserved)
     assert got == bind
     assert (note is not None) == noted
 
