@@ -132,7 +132,7 @@ class Engine:
             # holds the load lock, so no second engine starts meanwhile) and
             # stop the engine, so none outlives the request that asked for it.
             log.warning(
-                "LoadModel cancelled (deadline or client gone) during the engine start: "
+                "LoadModel cancelled during engine start (deadline or client gone): "
                 "the engine is stopped once up; give LoadModel a longer deadline"
             )
             try:

@@ -1,5 +1,9 @@
 """Embedding and Rerank: requests for vLLM's pooling runner.
 
+Embedding input: text (`Embeddings`, or `Prompt`), or token ids
+(`EmbeddingTokens`, what the gateway sends when the client's input is token
+arrays), embedded as given.
+
 Embedding layout: one pooled vector (`EMBEDDING_LAYOUT_FINAL`, tokens=1) by
 default; `Metadata["embedding_layout"] = "per_token"` asks for one vector per
 prompt token (`EMBEDDING_LAYOUT_PER_TOKEN`, row-major tokens x dim), which
