@@ -10,7 +10,7 @@ that maps but whose value vLLM cannot take fails LoadModel naming the field.
 proto3 has no presence: 0 / "" / false mean "not set" for every field here
 (llama.cpp's own meaningful zeros, such as YarnExtFactor 0, cannot arrive).
 
-Three mappings need the engine's surroundings and finish in `Engine.start`:
+Three mappings need the engine's surroundings and finish as it starts (start_settings.py):
 RoPE (merged into the model's own `rope_parameters`, `resolve_rope`), Threads
 (CPUs chosen from the machine's topology, `thread_binding`), and the platform
 (GPU-only and CPU-only meanings). This module imports no vLLM.
