@@ -28,8 +28,9 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.prometheus import unregister_vllm_metrics
 
-from backend import media
+from backend import engine_death, media
 from backend.engine_processes import (
+    detach_engine_processes,
     reap_children,
     remove_leftover_segments,
     shm_segments,
@@ -37,6 +38,7 @@ from backend.engine_processes import (
 )
 from backend.errors import InvalidArgument, Unavailable
 from backend.load_options import LoadPlan
+from backend.start_settings import apply_rope, construct, thread_binding_env
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,8 @@ class Engine:
         # shutdown), set before its requests are aborted: a request the stop
         # cuts is answered with this, never with a reply that looks complete.
         self.closing: str | None = None
+        # Its death (if it dies) was logged: once, by whoever saw it first.
+        self.death_reported = False
 
     @classmethod
     async def start(cls, plan: LoadPlan) -> Engine:
@@ -105,13 +109,21 @@ class Engine:
         supports construction outside a running loop: its output tasks start
         lazily, and we start them as soon as we are back on the loop.
         """
+        started = time.monotonic()
+        if plan.rope is not None:
+            await asyncio.to_thread(apply_rope, plan)
         try:
             args = AsyncEngineArgs(**plan.engine_kwargs)
         except TypeError as e:
             raise InvalidArgument(f"bad engine arguments: {e}") from None
-        started = time.monotonic()
         shm_before = shm_segments()
-        starting = asyncio.get_running_loop().run_in_executor(None, AsyncLLM.from_engine_args, args)
+        detach_engine_processes()
+        engine_death.install()
+        env = thread_binding_env(plan)
+        # In asyncio's default executor, whose threads live as long as the loop:
+        # the engine core dies with the thread that forked it (PR_SET_PDEATHSIG,
+        # engine_processes.detach_engine_processes).
+        starting = asyncio.get_running_loop().run_in_executor(None, construct, args, env)
         try:
             llm = await asyncio.shield(starting)
         except asyncio.CancelledError:
@@ -119,12 +131,16 @@ class Engine:
             # the start cannot be interrupted: wait for it (the caller still
             # holds the load lock, so no second engine starts meanwhile) and
             # stop the engine, so none outlives the request that asked for it.
-            log.warning("LoadModel cancelled during engine start: stopping the engine once up")
+            log.warning(
+                "LoadModel cancelled during engine start (deadline or client gone): "
+                "the engine is stopped once up; give LoadModel a longer deadline"
+            )
             try:
                 orphan = await asyncio.shield(starting)
             except Exception:
                 raise asyncio.CancelledError() from None  # the start failed: nothing to stop
-            await asyncio.to_thread(orphan.shutdown, shutdown_timeout())
+            with engine_death.stopping():
+                await asyncio.to_thread(orphan.shutdown, shutdown_timeout())
             await asyncio.to_thread(reap_children)
             raise
         try:
@@ -139,8 +155,20 @@ class Engine:
             await llm.get_supported_tasks()
             engine = cls(llm, plan, time.monotonic() - started)
             engine._shm_before = shm_before
+            if plan.rope is not None:
+                # Read back from the engine's own config: what it derived.
+                hf = llm.model_config.hf_config
+                if getattr(hf, "rope_parameters", None) is None:
+                    hf = hf.get_text_config()
+                log.info(
+                    "LoadModel: the engine uses rope_parameters %s, max_model_len %d",
+                    hf.rope_parameters,
+                    engine.max_model_len,
+                )
         except BaseException:
-            llm.shutdown(shutdown_timeout())
+            with engine_death.stopping():
+                await _stop_output_handler(llm)
+                await asyncio.to_thread(llm.shutdown, shutdown_timeout())
             raise
         return engine
 
@@ -150,6 +178,9 @@ class Engine:
     @property
     def errored(self) -> bool:
         return bool(self.llm.errored)
+
+    def death_cause(self) -> str:
+        return engine_death.death_cause(self.llm)
 
     @property
     def num_unfinished(self) -> int:
@@ -262,20 +293,20 @@ class Engine:
         assert out is not None
         return out
 
-    async def _abort_running(self) -> None:
+    async def _abort_running(self) -> int:
         """Abort every unfinished request in the front end first: vLLM then
         hands each its final "abort" output itself, whatever state the engine
         core is in (busy, hung, already dead), instead of leaving them to the
-        core's teardown."""
+        core's teardown. Returns how many there were."""
         running = list(self.llm.output_processor.request_states)
         if not running:
-            return
-        log.info("aborting %d unfinished engine request(s)", len(running))
+            return 0
         try:
             async with asyncio.timeout(5.0):
                 await self.llm.abort(running, internal=True)
-        except Exception:  # a dead core: the front end has ended them already
-            log.warning("aborting the unfinished requests reported an error", exc_info=True)
+        except Exception as e:  # a dead core: the front end has ended them already
+            log.info("aborting %d unfinished request(s) in a dead engine: %r", len(running), e)
+        return len(running)
 
     @property
     def pooling(self) -> bool:
@@ -393,16 +424,36 @@ class Engine:
             )
         return str(self.tokenizer.decode(list(ids)))
 
-    async def shutdown(self) -> None:
-        """End the requests still running (their callers see `closing` at
-        once), stop the engine processes, drop our references to its memory."""
+    async def shutdown(self) -> float:
+        """Stop the engine in the order vLLM's own servers do; returns the seconds it took.
+
+        1. Its unfinished requests are aborted in the front end: each caller
+           gets its final "abort" output at once and sees `closing`.
+        2. vLLM's output handler (the task that reads the core's outputs) is
+           cancelled and has ended before the core is touched. vLLM's
+           `AsyncLLM.shutdown` stops the core first and cancels the handler
+           last, from the thread it runs in; with the event loop free in
+           between, the handler read the core's end as a death and logged an
+           EngineDeadError traceback at every Free, LoadModel switch and
+           shutdown that lost that race (issue 26). vLLM's servers call it on
+           the event loop, blocking it for the whole stop; we cannot (Health and
+           Status answer during a stop), so we end the handler first.
+        3. Requests registered meanwhile are aborted too (none should be:
+           the servicer refuses new ones before the stop).
+        4. The core is stopped (`AsyncLLM.shutdown`, in a thread), its
+           processes reaped, its shared memory removed, its metrics dropped.
+        """
+        started = time.monotonic()
         llm = self.llm
-        await self._abort_running()
-        try:
-            await asyncio.to_thread(llm.shutdown, shutdown_timeout())
-        except Exception:
-            # The engine may already be dead; its processes are gone either way.
-            log.warning("engine shutdown reported an error", exc_info=True)
+        with engine_death.stopping():
+            await self._abort_running()
+            await _stop_output_handler(llm)
+            await self._abort_running()
+            try:
+                await asyncio.to_thread(llm.shutdown, shutdown_timeout())
+            except Exception as e:
+                # The engine may already be dead; its processes are gone either way.
+                log.info("stopping an engine that had already failed: %r", e)
         del llm
         # Its `vllm:*` collectors stay on prometheus_client's REGISTRY until
         # the next AsyncLLM replaces them; a freed worker exports none.
@@ -410,3 +461,14 @@ class Engine:
         await asyncio.to_thread(reap_children)
         await asyncio.to_thread(remove_leftover_segments, self._shm_before)
         gc.collect()
+        return time.monotonic() - started
+
+
+async def _stop_output_handler(llm: AsyncLLM) -> None:
+    """Cancel vLLM's output handler task and wait until it has ended."""
+    handler = llm.output_handler
+    if handler is not None and not handler.done():
+        handler.cancel()
+        # asyncio.wait, not `await handler`: the handler's CancelledError must
+        # not be mistaken for (or hide) a cancellation of this task.
+        await asyncio.wait([handler])

@@ -18,7 +18,9 @@ This module imports no vLLM: the engine module provides the parser.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +29,10 @@ from typing import Any, Protocol
 
 from backend import peer_json
 from backend.errors import InvalidArgument
+from backend.gateway_settings import Options as GatewayOptions
+from backend.gateway_settings import RopeRequest, gateway_settings
+
+log = logging.getLogger(__name__)
 
 # Options keys that configure this backend rather than the engine.
 BACKEND_KEYS = {
@@ -55,7 +61,7 @@ class FlagParser(Protocol):
         ...
 
 
-class ModelOptionsLike(Protocol):
+class ModelOptionsLike(GatewayOptions, Protocol):
     Model: str
     ModelFile: str
     ModelPath: str
@@ -113,6 +119,11 @@ class LoadPlan:
     warnings: list[str] = field(default_factory=list)
     # (tool, reasoning) parser decided before the engine start (LoadedModel.validate).
     parsers: tuple[str | None, str | None] | None = None
+    # Gateway settings finished at engine start (backend/gateway_settings.py):
+    # RoPE changes to merge into the model's own parameters, and the model
+    # runner's CPU thread count (0: vLLM's own binding).
+    rope: RopeRequest | None = None
+    threads: int = 0
 
     @property
     def model(self) -> str:
@@ -382,8 +393,24 @@ def engine_args_layer(raw: str, parser: FlagParser) -> dict[str, Any]:
     return out
 
 
-def build_load_plan(opts: ModelOptionsLike, parser: FlagParser) -> LoadPlan:
+@functools.cache
+def platform_is_cpu() -> bool:
+    """Whether vLLM runs on CPU here (imported late: this module imports no vLLM)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def build_load_plan(
+    opts: ModelOptionsLike, parser: FlagParser, *, cpu: bool | None = None
+) -> LoadPlan:
     kwargs, warnings = typed_fields(opts)
+    gateway = gateway_settings(opts, parser, cpu=platform_is_cpu() if cpu is None else cpu)
+    kwargs.update(gateway.engine_kwargs)
+    if gateway.notes:
+        # Said once per LoadModel; INFO, not WARNING: the same YAML serves every
+        # backend, so these are expected and nothing needs doing.
+        log.info("LoadModel: settings accepted and not used: %s", "; ".join(gateway.notes))
     adapters = lora_adapters(opts)
     kwargs.update(lora_engine_kwargs(adapters))
     from_options, settings = options_layer(list(opts.Options), parser)
@@ -398,7 +425,13 @@ def build_load_plan(opts: ModelOptionsLike, parser: FlagParser) -> LoadPlan:
         # As `vllm serve --reasoning-parser` does: the engine then applies a
         # structured-output constraint only after the reasoning section.
         kwargs.setdefault("reasoning_parser", settings.reasoning_parser)
-    return LoadPlan(engine_kwargs=kwargs, settings=settings, warnings=warnings)
+    return LoadPlan(
+        engine_kwargs=kwargs,
+        settings=settings,
+        warnings=warnings,
+        rope=gateway.rope,
+        threads=gateway.threads,
+    )
 
 
 def describe(kwargs: Mapping[str, Any]) -> str:

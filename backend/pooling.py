@@ -1,5 +1,9 @@
 """Embedding and Rerank: requests for vLLM's pooling runner.
 
+Embedding input: text (`Embeddings`, or `Prompt`), or token ids
+(`EmbeddingTokens`, what the gateway sends when the client's input is token
+arrays), embedded as given.
+
 Embedding layout: one pooled vector (`EMBEDDING_LAYOUT_FINAL`, tokens=1) by
 default; `Metadata["embedding_layout"] = "per_token"` asks for one vector per
 prompt token (`EMBEDDING_LAYOUT_PER_TOKEN`, row-major tokens x dim), which
@@ -28,6 +32,23 @@ def _layout(metadata: Any) -> tuple[str, Any]:
     )
 
 
+def token_prompt(ids: list[int], vocab_size: int, max_len: int) -> dict[str, list[int]]:
+    """EmbeddingTokens → an engine input of those ids, embedded as given (no
+    special tokens added, as vLLM's /v1/embeddings does with token input): the
+    gateway sends them instead of text when the client's input is token arrays.
+    Ids outside the vocabulary or past the context are INVALID_ARGUMENT."""
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise InvalidArgument(
+            f"EmbeddingTokens has ids outside the vocabulary (0..{vocab_size - 1}): {bad[:10]}"
+        )
+    if len(ids) > max_len:
+        raise InvalidArgument(
+            f"EmbeddingTokens has {len(ids)} ids, over the context length {max_len}"
+        )
+    return {"prompt_token_ids": ids}
+
+
 async def embed(model: Any, request: pb.PredictOptions, request_id: str) -> pb.EmbeddingResult:
     engine = model.engine
     if not engine.pooling:
@@ -35,12 +56,21 @@ async def embed(model: Any, request: pb.PredictOptions, request_id: str) -> pb.E
             "this model was loaded for generation; embeddings need LoadModel with Embeddings=true"
         )
     text = request.Embeddings or request.Prompt
-    if not text:
-        raise InvalidArgument("Embedding needs text in Embeddings (or Prompt)")
+    ids = list(request.EmbeddingTokens)
+    if ids and text:
+        raise InvalidArgument(
+            "Embedding takes text (Embeddings or Prompt) or token ids (EmbeddingTokens), not both"
+        )
+    if not ids and not text:
+        raise InvalidArgument("Embedding needs text in Embeddings (or Prompt) or EmbeddingTokens")
     task, layout = _layout(request.Metadata)
     if task not in await engine.supported_tasks():
         raise FailedPrecondition(f"this model's pooler does not support the {task!r} task")
-    out = await engine.pool(await engine.render_prompt(text), task, request_id)
+    if ids:
+        engine_input = token_prompt(ids, engine.vocab_size, engine.max_model_len)
+    else:
+        engine_input = await engine.render_prompt(text)
+    out = await engine.pool(engine_input, task, request_id)
     data = out.outputs.data
     vectors = data.reshape(-1, data.shape[-1]) if data.ndim > 1 else data.reshape(1, -1)
     return pb.EmbeddingResult(

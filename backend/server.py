@@ -8,6 +8,7 @@ import hmac
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -115,13 +116,29 @@ def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
     return options
 
 
-async def _watch_parent(parent: int, interval: float, stop: asyncio.Event) -> None:
+class Stop:
+    """Why the worker stops (a signal, parent death, engine death), set once."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.why = ""
+        self.at = 0.0
+
+    def set(self, why: str) -> None:
+        if self.event.is_set():
+            log.info("%s while already stopping (%s): ignored", why, self.why)
+            return
+        self.why, self.at = why, time.monotonic()
+        self.event.set()
+
+
+async def _watch_parent(parent: int, interval: float, stop: Stop) -> None:
     """Stop when we are re-parented: the gateway that started us has died."""
-    while not stop.is_set():
+    while not stop.event.is_set():
         await asyncio.sleep(interval)
         if os.getppid() != parent:
             log.warning("parent process %d is gone: shutting down", parent)
-            stop.set()
+            stop.set("parent process gone")
 
 
 EXIT_ENGINE_DEATH = 3
@@ -262,10 +279,10 @@ async def serve(config: ServerConfig) -> int:
         metrics_server = MetricsServer(config.metrics_addr, servicer.counters)
         metrics_server.start()
 
-    stop = asyncio.Event()
+    stop = Stop()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop.set, sig.name)
 
     log.info(
         "listening on %s (transport %s, auth %s, max concurrent requests %s, event loop %s)",
@@ -279,11 +296,11 @@ async def serve(config: ServerConfig) -> int:
     exit_code = 0
 
     def on_engine_death() -> None:
+        # The watcher has logged the death (one ERROR, with the cause and this exit).
         nonlocal exit_code
         if config.exit_on_engine_death:
             exit_code = EXIT_ENGINE_DEATH
-            log.error("exit_on_engine_death is set: exiting so the gateway restarts the worker")
-            stop.set()
+            stop.set("engine death (exit_on_engine_death)")
 
     watchers = [asyncio.create_task(servicer.watch_engine(1.0, on_engine_death))]
     if config.parent_watch:
@@ -291,9 +308,15 @@ async def serve(config: ServerConfig) -> int:
             asyncio.create_task(_watch_parent(os.getppid(), config.parent_watch_interval, stop))
         )
     try:
-        await stop.wait()
+        await stop.event.wait()
     finally:
-        log.info("shutting down (grace %.1fs)", config.grace_seconds)
+        why = stop.why or "shutdown"
+        log.info(
+            "%s: shutting down (grace %.1fs for %d running request(s))",
+            why,
+            config.grace_seconds,
+            servicer.running,
+        )
         for watcher in watchers:
             watcher.cancel()
         # Refuse new RPCs at once and let in-flight ones finish within the
@@ -302,9 +325,9 @@ async def serve(config: ServerConfig) -> int:
         # transport cancels whatever has not ended SHUTDOWN_CUT_S later.
         stopping = asyncio.create_task(server.stop(config.grace_seconds + SHUTDOWN_CUT_S))
         await servicer.drain(config.grace_seconds)
-        await servicer.close()
+        await servicer.close(why)
         await stopping
         if metrics_server is not None:
             metrics_server.stop()
-        log.info("stopped")
+        log.info("%s: stopped in %.1fs", why, time.monotonic() - (stop.at or time.monotonic()))
     return exit_code

@@ -15,6 +15,7 @@ import functools
 import gc
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -129,14 +130,26 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
         In-flight requests learn of it from vLLM at once (EngineDeadError);
         this makes Health/Status and the optional exit independent of traffic.
         """
-        reported: object = None
         while True:
             await asyncio.sleep(interval)
             model = self.model
-            if model is not None and model.engine.errored and reported is not model:
-                reported = model
-                log.error("the vLLM engine died; Health answers UNAVAILABLE until LoadModel")
+            if model is not None and model.engine.errored and self._report_death(model):
                 on_death()
+
+    def _report_death(self, model: LoadedModel) -> bool:
+        """Log an engine death once — one ERROR line naming the cause (vLLM's own
+        traceback for it says nothing and is dropped: backend/engine_death.py).
+        False if it was reported already."""
+        if model.engine.death_reported:
+            return False
+        model.engine.death_reported = True
+        then = (
+            "exiting (exit_on_engine_death) so the gateway restarts the worker"
+            if self.config.exit_on_engine_death
+            else "Health answers UNAVAILABLE until LoadModel"
+        )
+        log.error("the vLLM engine died: %s; %s", model.engine.death_cause(), then)
+        return True
 
     def _require_model(self, identity: str = "") -> LoadedModel:
         model = self.model
@@ -196,7 +209,7 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
             self._loading = True
             try:
                 plan, template = await LoadedModel.validate(request)
-                await self._release(CUT_BY_LOAD)
+                await self._release(CUT_BY_LOAD, f"LoadModel (replacing it with {plan.model})")
                 self.model = await LoadedModel.load(request, plan, template)
                 self.load_error = None
                 freeze_heap()  # the model's objects too; undone on release
@@ -214,16 +227,23 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     async def Free(self, request: pb.HealthMessage, context: grpc.aio.ServicerContext) -> pb.Result:
         async with self._load_lock:
             freed = self.model is not None
-            await self._release(CUT_BY_FREE)
+            await self._release(CUT_BY_FREE, "Free")
             return pb.Result(
                 success=True, message="model freed" if freed else "no model was loaded"
             )
 
-    async def close(self) -> None:
+    async def close(self, why: str = "shutdown") -> None:
         """Server shutdown, once the grace period is over: stop the engine so no
-        engine process outlives us; requests still running end UNAVAILABLE."""
+        engine process outlives us; requests still running end UNAVAILABLE.
+        `why` says what asked for it (SIGTERM, ...), for the log."""
         async with self._load_lock:
-            await self._release(CUT_BY_SHUTDOWN, drain=0.0)
+            # The grace period (BACKEND_GRACE_SECONDS) was the server's drain.
+            await self._release(CUT_BY_SHUTDOWN, why, drain=0.0, more_time="BACKEND_GRACE_SECONDS")
+
+    @property
+    def running(self) -> int:
+        """Requests running now (admitted and not yet ended)."""
+        return self._active
 
     async def drain(self, seconds: float) -> None:
         """Wait up to `seconds` for the running requests to end."""
@@ -232,23 +252,40 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
                 async with asyncio.timeout(seconds):
                     await self._idle.wait()
 
-    async def _release(self, reason: str, drain: float | None = None) -> None:
+    async def _release(
+        self,
+        reason: str,
+        event: str,
+        drain: float | None = None,
+        more_time: str = "--drain-seconds",
+    ) -> None:
         """Unload the model: new requests are refused at once, running ones
         get `drain_seconds` to end, then the engine stops and what still runs
-        ends with UNAVAILABLE `reason`."""
+        ends with UNAVAILABLE `reason`. One INFO line says what was stopped,
+        why (`event`) and how long it took, and which setting (`more_time`)
+        would have let cut requests finish."""
         model, self.model = self.model, None
         if model is None:
             return
+        if model.engine.errored and model.engine.closing is None:
+            self._report_death(model)  # replaced before the watcher's next look
+        started = time.monotonic()
         wait = self.drain_seconds if drain is None else drain
         if wait > 0 and self._active:
-            log.info("waiting up to %.1fs for %d running requests", wait, self._active)
             await self.drain(wait)
-        if self._active:
-            log.warning("stopping the engine with %d requests running: %s", self._active, reason)
+        waited = time.monotonic() - started
+        cut = self._active
         model.engine.closing = reason
         gc.unfreeze()  # the model's objects must be collectable again
         await model.close()  # ends with a full collection: the model is gone
         freeze_heap()
+        took = time.monotonic() - started - waited
+        details = [f"stopped the engine of {model.identity} in {took:.1f}s"]
+        if wait > 0:
+            details.append(f"after waiting {waited:.1f}s of {wait:.1f}s for running requests")
+        if cut:
+            details.append(f"{cut} running request(s) cut ({more_time} lets them finish)")
+        log.info("%s: %s", event, "; ".join(details))
 
     async def Status(
         self, request: pb.HealthMessage, context: grpc.aio.ServicerContext

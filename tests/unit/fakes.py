@@ -57,3 +57,23 @@ class FakeModelOptions:
     LoraAdapters: list[str] = field(default_factory=list)
     LoraScale: float = 0.0
     LoraScales: list[float] = field(default_factory=list)
+    # llama.cpp-family settings (backend/gateway_settings.py)
+    CacheTypeKey: str = ""
+    CacheTypeValue: str = ""
+    RopeScaling: str = ""
+    RopeFreqScale: float = 0.0
+    RopeFreqBase: float = 0.0
+    YarnExtFactor: float = 0.0
+    YarnAttnFactor: float = 0.0
+    YarnBetaFast: float = 0.0
+    YarnBetaSlow: float = 0.0
+    Threads: int = 0
+    MainGPU: str = ""
+    TensorSplit: str = ""
+    NGPULayers: int = 0
+    LowVRAM: bool = False
+    MMap: bool = False
+    MLock: bool = False
+    NUMA: bool = False
+    FlashAttention: str = ""
+    NoKVOffload: bool = False
