@@ -142,6 +142,8 @@ def test_a_stream_that_diverged_from_the_whole_text_parse_is_logged(caplog):
     # common prefix "ab" is sent, and the divergence is logged.
     assert last.content == "XY"
     assert "streamed content differs from the whole-text parse after 2 characters" in caplog.text
+    warning = next(r for r in caplog.records if r.levelname == "WARNING")
+    assert "abc" not in warning.getMessage(), "request content stays out of the warning"
 
 
 def test_a_hermes_call_streams_its_name_then_its_arguments_as_they_are_generated(
