@@ -343,12 +343,22 @@ def test_same_tool_call_as_vllm_serve(smollm2, vllm_server, choice):
     theirs = vllm_server.unary(body)
     req = chat(WEATHER_Q, 100, Tools=json.dumps([WEATHER_TOOL]), ToolChoice=json.dumps(tool_choice))
     ours = smollm2.stub.Predict(req, timeout=TIMEOUT)
-    assert collect([ours]).structured() == theirs.structured
+    streamed = collect(smollm2.stub.PredictStream(req, timeout=TIMEOUT))
     assert (theirs.prompt_tokens, theirs.completion_tokens) == (ours.prompt_tokens, ours.tokens)
     if choice == "named":
+        assert collect([ours]).structured() == theirs.structured
+        assert streamed.structured() == theirs.structured
         assert theirs.structured["calls"] == [("get_weather", {"city": "Paris"})]
-    else:
-        # "required" lets the model add calls; this one repeats get_weather
-        # until max_tokens cuts the JSON list, which then parses to nothing
-        # (vLLM's server and the worker alike).
-        assert theirs.completion_tokens == 100 and theirs.structured["calls"] == []
+        return
+    # "required" lets the model add calls; this one repeats get_weather until
+    # max_tokens cuts the JSON list. vLLM's server then parses the list to
+    # nothing; the worker streamed each call as its name came, so it keeps
+    # them: the complete ones, and the last with the arguments generated
+    # before the cut (as OpenAI returns a call cut by `length`).
+    assert theirs.completion_tokens == 100 and theirs.structured["calls"] == []
+    unary = collect([ours])
+    calls = [(c.name, c.arguments) for _, c in sorted(unary.calls.items())]
+    assert calls == [(c.name, c.arguments) for _, c in sorted(streamed.calls.items())]
+    *whole, (last_name, last_args) = calls
+    assert whole and all(c == ("get_weather", '{"city": "Paris"}') for c in whole), calls
+    assert last_name == "get_weather" and '{"city": "Paris"}'.startswith(last_args)
