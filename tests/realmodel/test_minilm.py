@@ -10,7 +10,7 @@ import math
 import pytest
 
 from backend.gen import backend_pb2 as pb
-from tests.conftest import KV_CACHE_OPTION, Worker
+from tests.conftest import KV_CACHE_OPTION
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,25 +28,19 @@ def _cosine(a, b) -> float:
     return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
 
 
-@pytest.fixture(scope="module")
-def embedder(minilm_dir):
-    w = Worker()
-    try:
-        result = w.stub.LoadModel(
-            pb.ModelOptions(
-                Model=str(minilm_dir),
-                DType="float32",
-                MaxModelLen=256,
-                EnforceEager=True,
-                Embeddings=True,
-                Options=[KV_CACHE_OPTION],
-            ),
-            timeout=900,
-        )
-        assert result.success, f"{result.message}\n{w.log_tail()}"
+@pytest.fixture
+def embedder(workers, minilm_dir):
+    """A pooled worker with all-MiniLM-L6-v2 loaded."""
+    options = pb.ModelOptions(
+        Model=str(minilm_dir),
+        DType="float32",
+        MaxModelLen=256,
+        EnforceEager=True,
+        Embeddings=True,
+        Options=[KV_CACHE_OPTION],
+    )
+    with workers.use(load=options) as w:
         yield w
-    finally:
-        w.stop()
 
 
 @pytest.fixture(scope="module")

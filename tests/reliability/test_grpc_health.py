@@ -21,8 +21,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from backend.gen import backend_pb2 as pb
-from tests.conftest import Worker
-from tests.reliability.helpers import load, stop_worker
+from tests.reliability.helpers import load
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -55,9 +54,9 @@ def _check(stub: health_pb2_grpc.HealthStub, service: str = "") -> int:
 
 
 @pytest.mark.parametrize("transport", [pytest.param("grpcio", marks=pytest.mark.long), "h2"])
-def test_health_follows_the_model(transport, tiny_model_dir):
-    worker = Worker(env={"BACKEND_TRANSPORT": transport})
-    try:
+def test_health_follows_the_model(workers, transport, tiny_model_dir):
+    env = {"BACKEND_TRANSPORT": transport} if transport != "h2" else None
+    with workers.use(env=env) as worker:
         stub = health_pb2_grpc.HealthStub(worker.channel)
         assert _check(stub) == NOT_SERVING
         assert _check(stub, "backend.Backend") == NOT_SERVING
@@ -77,28 +76,20 @@ def test_health_follows_the_model(transport, tiny_model_dir):
         assert watch.next() == NOT_SERVING
         watch.call.cancel()
         unknown.call.cancel()
-    finally:
-        stop_worker(worker)
 
 
-def test_reflection_lists_the_services_on_grpcio():
-    worker = Worker(env={"BACKEND_TRANSPORT": "grpcio"})
-    try:
+def test_reflection_lists_the_services_on_grpcio(workers):
+    with workers.use(env={"BACKEND_TRANSPORT": "grpcio"}) as worker:
         db = ProtoReflectionDescriptorDatabase(worker.channel)
         services = set(db.get_services())
         assert {"backend.Backend", "grpc.health.v1.Health"} <= services, services
         pool = DescriptorPool(db)
         health = pool.FindServiceByName("backend.Backend").FindMethodByName("Health")
         assert health.input_type.full_name == "backend.HealthMessage"
-    finally:
-        stop_worker(worker)
 
 
-def test_reflection_is_unimplemented_on_h2():
-    worker = Worker(env={"BACKEND_TRANSPORT": "h2"})
-    try:
+def test_reflection_is_unimplemented_on_h2(workers):
+    with workers.use() as worker:  # h2: the default transport
         with pytest.raises(grpc.RpcError) as err:
             list(ProtoReflectionDescriptorDatabase(worker.channel).get_services())
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    finally:
-        stop_worker(worker)
