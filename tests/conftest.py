@@ -457,3 +457,56 @@ def tiny_loaded(workers: Workers, tiny_model_dir: Path) -> Iterator[Worker]:
     """A pooled worker with the tiny model loaded with the default options."""
     with workers.use(load=tiny_load_options(tiny_model_dir)) as w:
         yield w
+
+
+pytest_plugins = ["tests.suite_timing"]
+
+
+# ---- running beside another test process (pytest-xdist) -------------------------------
+
+# Modules whose verdicts include wall-clock latency bounds (test_inbound: probe
+# p50 <= 100 ms, Health within 2 s during an attack): under pytest-xdist they run
+# alone, the other test process waiting, so the machine is as quiet as the suite
+# can make it. Everything else runs beside the other process (its verdicts hold
+# with the other core busy: issue 16).
+ALONE = ("tests/reliability/test_inbound.py",)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # type: ignore[no-untyped-def]
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run:
+        yield
+        return
+    alone = _module_of(item) in ALONE
+    more = nextitem is not None and _module_of(nextitem) in ALONE
+    with _run_lock(run, exclusive=alone, keep_others_out=more):
+        yield
+
+
+def _module_of(item: pytest.Item) -> str:
+    return item.nodeid.split("::", 1)[0]
+
+
+@contextlib.contextmanager
+def _run_lock(run: str, *, exclusive: bool, keep_others_out: bool) -> Iterator[None]:
+    """A readers-writer lock over the test processes of one run: every test holds
+    it shared, an ALONE test exclusively. An exclusive test raises a flag that
+    keeps new shared holders out while it waits and, when the next test is ALONE
+    too, until that one runs (so the other process cannot slip in between)."""
+    base = Path(os.environ.get("TMPDIR", "/tmp")) / f"pytest-{run}"
+    flag = base.with_suffix(".alone")
+    with open(base.with_suffix(".lock"), "a") as f:
+        if exclusive:
+            flag.touch()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        else:
+            while flag.exists():
+                time.sleep(0.2)
+            fcntl.flock(f, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            if exclusive and not keep_others_out:
+                flag.unlink(missing_ok=True)
+            fcntl.flock(f, fcntl.LOCK_UN)
