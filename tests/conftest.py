@@ -510,3 +510,38 @@ def _run_lock(run: str, *, exclusive: bool, keep_others_out: bool) -> Iterator[N
             if exclusive and not keep_others_out:
                 flag.unlink(missing_ok=True)
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---- isolation check: a seeded shuffle ------------------------------------------------
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """PYTEST_SHUFFLE_SEED=N: run the modules in a random order and each module's
+    tests in a random order, to show no test passes only because an earlier one
+    left a pooled worker in a convenient state. A test whose docstring says it
+    "Runs last" / "Runs after" (it consumes its module's shared state by design:
+    test_engine_death's reload, test_hostile_input's after-the-table check)
+    stays at its module's end."""
+    seed = os.environ.get("PYTEST_SHUFFLE_SEED")
+    if not seed:
+        return
+    rng = random.Random(int(seed))
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(_module_of(item), []).append(item)
+    order = list(modules)
+    rng.shuffle(order)
+    items[:] = []
+    for name in order:
+        tests = modules[name]
+        rng.shuffle(tests)
+        last = [t for t in tests if _runs_last(t)]
+        items.extend([t for t in tests if not _runs_last(t)] + last)
+    config.pluginmanager.get_plugin("terminalreporter").write_line(  # type: ignore[union-attr]
+        f"shuffled with seed {seed}: modules {[m.rsplit('/', 1)[-1] for m in order]}"
+    )
+
+
+def _runs_last(item: pytest.Item) -> bool:
+    doc = (getattr(item, "function", None) and item.function.__doc__) or ""  # type: ignore[attr-defined]
+    return doc.lstrip().startswith(("Runs last", "Runs after"))

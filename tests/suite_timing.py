@@ -101,6 +101,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         workeroutput["engine_starts"] = json.dumps(dict(_counter.starts))
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown without xdist
 def pytest_testnodedown(node, error) -> None:  # type: ignore[no-untyped-def]
     """xdist controller: a test process finished; add its engine starts."""
     raw = getattr(node, "workeroutput", {}).get("engine_starts")
