@@ -167,12 +167,18 @@ class _LoadTracker(grpc.UnaryUnaryClientInterceptor):
         method = details.method.rsplit("/", 1)[-1]
         if method not in ("LoadModel", "Free"):
             return continuation(details, request)
-        self.worker.loaded = _UNKNOWN  # while it runs, and if it fails
+        w = self.worker
+        before, w.loaded = w.loaded, _UNKNOWN  # while it runs, and if it fails
         outcome = continuation(details, request)
         with contextlib.suppress(Exception):
+            core = w.engine_core_pid()
             if outcome.result().success:
-                self.worker.loaded = _load_key(request) if method == "LoadModel" else None
-                self.worker.core_pid = self.worker.engine_core_pid()
+                w.loaded = _load_key(request) if method == "LoadModel" else None
+            elif core is not None and core == w.core_pid:
+                w.loaded = before  # rejected before the engine: the model is still in place
+            elif core is None:
+                w.loaded = None  # the old model was released, the new one failed
+            w.core_pid = core
         return outcome
 
 
@@ -307,6 +313,9 @@ class Workers:
         key = (tuple(sorted((env or {}).items())), (*POOL_ARGS, *args))
         want = None if load is None else _load_key(load)
         worker = self._acquire(key, want, load, pristine)
+        # The pool's own promise, checked the way a hand-out is: every test
+        # starts from the state it asked for, whatever ran before it.
+        assert self._in_state(worker, want, pristine), f"pool handed out {worker.log_tail()}"
         self._leases[id(worker)] = want
         try:
             yield worker
@@ -331,9 +340,11 @@ class Workers:
         # state (none loaded, or leased for nothing), else a new process.
         spare = [w for w in free if id(w) not in self._leases]
         if want is not None and spare:
+            # Replace another loaded engine only when no process is free for
+            # one more: that engine may be the next test's.
             unloaded = [w for w in spare if w.loaded is None]
-            w = (unloaded or spare)[0]
-            if self._settle(w):
+            w = (unloaded or ([] if len(self._live) < self.size else spare) or [None])[0]
+            if w is not None and self._settle(w):
                 self._load(w, load)
                 return self._touch(key, w)
         if want is None and not pristine:
@@ -347,6 +358,12 @@ class Workers:
         return w
 
     def _in_state(self, w: Worker, want: bytes | None, pristine: bool) -> bool:
+        ok = self._in_state_(w, want, pristine)
+        if os.environ.get("POOL_DEBUG"):  # why a test waited for a load
+            print(f"\npool: {w.addr} in the state wanted: {ok}", file=sys.stderr)
+        return ok
+
+    def _in_state_(self, w: Worker, want: bytes | None, pristine: bool) -> bool:
         from tests.engine_control import engine_processes
 
         pb = _pb()
