@@ -39,6 +39,13 @@ hands out a worker in exactly that state, starting or loading only what differs:
   state they built (test_engine_death's dead engine). A lease holds the worker for
   the fixture's scope: it is neither stopped nor handed to another state meanwhile.
 
+**Two test processes.** `make test` runs two pytest processes side by side
+(pytest-xdist `-n 2 --dist loadfile`: a module stays in one process, each process
+has its own pool), because an engine start is one core's work and this machine has
+two. A module whose verdicts include wall-clock bounds is listed in `ALONE` and runs
+with the other process waiting. `PYTEST_SHUFFLE_SEED=N` runs modules and tests in a
+seeded random order (the isolation check); `POOL_DEBUG=1` says why a test waited.
+
 `make test` prints, after the slowest tests, the engine starts and the wall time of
 each module (`engine starts per module`): keep an eye on what a new test costs.
 """
