@@ -177,15 +177,18 @@ class _LoadTracker(grpc.UnaryUnaryClientInterceptor):
         w = self.worker
         before, w.loaded = w.loaded, _UNKNOWN  # while it runs, and if it fails
         outcome = continuation(details, request)
-        with contextlib.suppress(Exception):
-            core = w.engine_core_pid()
-            if outcome.result().success:
-                w.loaded = _load_key(request) if method == "LoadModel" else None
-            elif core is not None and core == w.core_pid:
-                w.loaded = before  # rejected before the engine: the model is still in place
-            elif core is None:
-                w.loaded = None  # the old model was released, the new one failed
-            w.core_pid = core
+        try:
+            ok = bool(outcome.result().success)
+        except grpc.RpcError:  # refused, or cancelled (a load may still be running)
+            ok = False
+        core = w.engine_core_pid()
+        if ok:
+            w.loaded = _load_key(request) if method == "LoadModel" else None
+        elif core is not None and core == w.core_pid:
+            w.loaded = before  # rejected before the engine: the model is still in place
+        elif core is None:
+            w.loaded = None  # the old model was released and no new one is up
+        w.core_pid = core
         return outcome
 
 
