@@ -352,13 +352,16 @@ class Workers:
         if want is not None and spare:
             # Replace another loaded engine only when no process is free for
             # one more: that engine may be the next test's.
-            unloaded = [w for w in spare if w.loaded is None]
+            unloaded = [w for w in spare if w.loaded is None or w.loaded is _UNKNOWN]
             w = (unloaded or ([] if len(self._live) < self.size else spare) or [None])[0]
             if w is not None and self._settle(w):
                 self._load(w, load)
                 return self._touch(key, w)
         if want is None and not pristine:
-            for w in spare:
+            # Free a loaded engine only when no process is free for one more.
+            loaded = [w for w in spare if isinstance(w.loaded, bytes)]
+            unloaded = [w for w in spare if w.loaded is None or w.loaded is _UNKNOWN]
+            for w in unloaded + (loaded if len(self._live) >= self.size else []):
                 freed = self._settle(w) and w.stub.Free(_pb().HealthMessage(), timeout=300).success
                 if freed and self._in_state(w, None, pristine):
                     return self._touch(key, w)
