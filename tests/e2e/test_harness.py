@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 _HARNESS_ENV = ("BACKEND_TEST_",)
 
 
-def test_harness_defaults_all_pass():
+def test_harness_defaults_all_pass(tiny_model_dir):  # built once, under the build lock
     env = {k: v for k, v in os.environ.items() if not k.startswith(_HARNESS_ENV)}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "e2e" / "harness.py")],

@@ -8,23 +8,25 @@ import grpc
 import pytest
 
 from backend.gen import backend_pb2 as pb
-from tests.conftest import Worker, tiny_load_options
+from tests.conftest import Workers, tiny_load_options
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def lora_worker(tiny_model_dir, tmp_path_factory):
+def adapter(tmp_path_factory):
     from tools.tiny_model import build_tiny_lora
 
-    adapter = build_tiny_lora(tmp_path_factory.mktemp("lora") / "style")
-    w = Worker()
-    result = w.stub.LoadModel(
-        tiny_load_options(tiny_model_dir, LoraAdapter=str(adapter), LoraScale=1.0), timeout=300
-    )
-    assert result.success, f"{result.message}\n{w.log_tail()}"
-    yield w, adapter
-    w.stop()
+    return build_tiny_lora(tmp_path_factory.mktemp("lora") / "style")
+
+
+@pytest.fixture
+def lora_worker(workers: Workers, tiny_model_dir, adapter):
+    """A pooled worker with the adapter loaded at full strength (the scale test
+    reloads it with another scale: the pool reloads for the next test)."""
+    options = tiny_load_options(tiny_model_dir, LoraAdapter=str(adapter), LoraScale=1.0)
+    with workers.use(load=options) as w:
+        yield w, adapter
 
 
 def _greedy(stub, **metadata):

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from backend.gen import backend_pb2 as pb
-from tests.conftest import KV_CACHE_OPTION, Worker
+from tests.conftest import KV_CACHE_OPTION, Workers
 
 pytestmark = pytest.mark.integration
 
@@ -29,11 +29,11 @@ def _options(model_dir, **fields) -> pb.ModelOptions:
     )
 
 
-@pytest.fixture(scope="module")
-def bert_worker():
-    w = Worker()
-    yield w
-    w.stop()
+@pytest.fixture
+def bert_worker(workers: Workers):
+    """A pooled worker with no model loaded: each test loads its BERT model."""
+    with workers.use() as w:
+        yield w
 
 
 def test_bert_embeddings_match_sentence_transformers_pooling(bert_worker):

@@ -6,20 +6,18 @@ import grpc
 import pytest
 
 from backend.gen import backend_pb2 as pb
-from tests.conftest import Worker, tiny_load_options
+from tests.conftest import Workers, tiny_load_options
 
 pytestmark = pytest.mark.integration
 
 TEXTS = ["The weather in Paris is sunny.", "Bonjour, ça va ?", '{"json": [1, 2, 3]}']
 
 
-@pytest.fixture(scope="module")
-def embedder(tiny_model_dir):
-    w = Worker()
-    result = w.stub.LoadModel(tiny_load_options(tiny_model_dir, Embeddings=True), timeout=300)
-    assert result.success, f"{result.message}\n{w.log_tail()}"
-    yield w
-    w.stop()
+@pytest.fixture
+def embedder(workers: Workers, tiny_model_dir):
+    """A pooled worker with the tiny model loaded as a pooling model."""
+    with workers.use(load=tiny_load_options(tiny_model_dir, Embeddings=True)) as w:
+        yield w
 
 
 def _cosine(a, b) -> float:

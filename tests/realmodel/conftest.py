@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import KV_CACHE_OPTION, Worker
+from tests.conftest import KV_CACHE_OPTION, Worker, Workers, build_lock
 
 # SmolLM2's template has no tool markup and the model has no tool format of
 # its own. A tool parser is still needed: vLLM rejects a named/required
@@ -24,14 +24,16 @@ SMOLLM2_OPTIONS = ("tool_parser:pythonic", KV_CACHE_OPTION)
 def smollm2_dir() -> Path:
     from tools import real_models
 
-    return real_models.smollm2()
+    with build_lock("real-models"):
+        return real_models.smollm2()
 
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     from tools import real_models
 
-    return real_models.minilm()
+    with build_lock("real-models"):
+        return real_models.minilm()
 
 
 def smollm2_options(model_dir: Path, **fields):
@@ -48,16 +50,11 @@ def smollm2_options(model_dir: Path, **fields):
     return pb.ModelOptions(**base)
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_dir) -> Iterator[Worker]:
-    """A worker with SmolLM2 loaded, shared by the module (one engine start)."""
-    w = Worker()
-    try:
-        result = w.stub.LoadModel(smollm2_options(smollm2_dir), timeout=900)
-        assert result.success, f"{result.message}\n{w.log_tail()}"
+@pytest.fixture
+def smollm2(workers: Workers, smollm2_dir) -> Iterator[Worker]:
+    """A pooled worker with SmolLM2 loaded (one engine start for the module)."""
+    with workers.use(load=smollm2_options(smollm2_dir)) as w:
         yield w
-    finally:
-        w.stop()
 
 
 @pytest.fixture(scope="session")

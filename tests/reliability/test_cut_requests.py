@@ -114,22 +114,20 @@ def _cut_by(worker: Worker, action: Callable[[], object], reason: str) -> object
     return outcome[0]
 
 
-@pytest.fixture(scope="module")
-def worker(tiny_model_dir):
-    w = Worker(args=["--debug-requests"])
-    yield w
-    w.stop()
+@pytest.fixture
+def worker(tiny_loaded):
+    """A pooled worker with the tiny model loaded (default options); the tests
+    Free or replace it, so the pool loads it again for the next user."""
+    return tiny_loaded
 
 
 def test_free_cuts_running_stream_and_unary_with_unavailable(worker, tiny_model_dir):
-    load(worker, tiny_model_dir)
     free = lambda: worker.stub.Free(pb.HealthMessage(), timeout=300)  # noqa: E731
     _cut_by(worker, free, "unloaded (Free)")
     assert state(worker) == pb.StatusResponse.UNINITIALIZED
 
 
 def test_replacing_load_cuts_running_requests_with_unavailable(worker, tiny_model_dir):
-    load(worker, tiny_model_dir)
     old = engine_control.engine_processes(worker.proc.pid)
     replace = lambda: load(worker, tiny_model_dir, MaxModelLen=1024)  # noqa: E731
     result = _cut_by(worker, replace, "replaced (LoadModel)")

@@ -17,7 +17,7 @@ import pytest
 
 from backend.gen import backend_pb2 as pb
 from tests import engine_control
-from tests.conftest import Worker
+from tests.conftest import Worker, tiny_load_options
 from tests.h2client import H2Client
 from tests.reliability.helpers import (
     describe,
@@ -72,7 +72,7 @@ def _quiet(client: H2Client, seconds: float, timeout: float = 60) -> bool:
 
 
 @pytest.fixture(scope="module")
-def death(tiny_model_dir):
+def death(workers, tiny_model_dir):
     """A loaded worker whose engine core was SIGKILLed with requests in flight.
 
     The precondition is created, not raced (issue 16: on a fast machine all
@@ -85,58 +85,65 @@ def death(tiny_model_dir):
 
     The requests go through hyper-h2 (tests/h2client.py), every stream read
     by this thread as frames arrive.
+
+    The worker is the pool's, held for the module; the last test loads the
+    model again, so the pool can hand it on.
     """
-    worker = Worker(args=["--debug-requests"])
-    client = None
-    try:
-        load(worker, tiny_model_dir)
-        assert worker.stub.Predict(greedy(Tokens=2), timeout=120).tokens == 2
-        procs = engine_control.engine_processes(worker.proc.pid)
-        core = engine_control.engine_core_of(worker.proc.pid)
-        client = H2Client(worker.addr)
-        since = worker.log_path.stat().st_size
-        # Stopped before the calls are sent: stopping it on the streams' first
-        # output raced the engine on a loaded machine (the stop came after the
-        # last token).
-        engine_control.stop(core)
-        flights = [
-            InFlight(name, client.call(rpc, greedy(Tokens=LONG, CorrelationId=name)))
-            for name, rpc in (
-                ("stream-1", "PredictStream"),
-                ("stream-2", "PredictStream"),
-                ("unary", "Predict"),
+    client = core = None
+    with workers.use(load=tiny_load_options(tiny_model_dir)) as worker:
+        try:
+            assert worker.stub.Predict(greedy(Tokens=2), timeout=120).tokens == 2
+            procs = engine_control.engine_processes(worker.proc.pid)
+            core = engine_control.engine_core_of(worker.proc.pid)
+            client = H2Client(worker.addr)
+            since = worker.log_path.stat().st_size
+            # Stopped before the calls are sent: stopping it on the streams' first
+            # output raced the engine on a loaded machine (the stop came after the
+            # last token).
+            engine_control.stop(core)
+            flights = [
+                InFlight(name, client.call(rpc, greedy(Tokens=LONG, CorrelationId=name)))
+                for name, rpc in (
+                    ("stream-1", "PredictStream"),
+                    ("stream-2", "PredictStream"),
+                    ("unary", "Predict"),
+                )
+            ]
+            streams = client.streams
+            assert engine_control.wait_logged(
+                worker.log_path, ["stream-1", "stream-2", "unary"], since=since
+            ), f"the requests never reached vLLM:\n{worker.log_tail()}"
+            # The precondition, checked: nothing can finish from here on, and nothing had.
+            assert _quiet(client, 1.0), "the worker kept sending with its engine core stopped"
+            at_stop = {f.name: len(streams[f.sid].messages()) for f in flights}
+            busy = state(worker)
+            precondition = f"engine core stopped; chunks then {at_stop}; Status {state_name(busy)}"
+            assert not any(streams[f.sid].ended or streams[f.sid].reset for f in flights), (
+                precondition
             )
-        ]
-        streams = client.streams
-        assert engine_control.wait_logged(
-            worker.log_path, ["stream-1", "stream-2", "unary"], since=since
-        ), f"the requests never reached vLLM:\n{worker.log_tail()}"
-        # The precondition, checked: nothing can finish from here on, and nothing had.
-        assert _quiet(client, 1.0), "the worker kept sending with its engine core stopped"
-        at_stop = {f.name: len(streams[f.sid].messages()) for f in flights}
-        busy = state(worker)
-        precondition = f"engine core stopped; chunks then {at_stop}; Status {state_name(busy)}"
-        assert not any(streams[f.sid].ended or streams[f.sid].reset for f in flights), precondition
-        assert all(n < LONG // 2 for n in at_stop.values()), precondition
-        assert busy == pb.StatusResponse.BUSY, precondition
+            assert all(n < LONG // 2 for n in at_stop.values()), precondition
+            assert busy == pb.StatusResponse.BUSY, precondition
 
-        killed_at = time.monotonic()
-        os.kill(core.pid, signal.SIGKILL)
-        for f in flights:
-            f.chunks_at_kill = len(streams[f.sid].messages())
-
-        def note_endings() -> bool:
+            killed_at = time.monotonic()
+            os.kill(core.pid, signal.SIGKILL)
             for f in flights:
-                if f.ended_at is None and (streams[f.sid].ended or streams[f.sid].reset):
-                    f.ended_at = time.monotonic()
-            return all(f.ended_at is not None for f in flights)
+                f.chunks_at_kill = len(streams[f.sid].messages())
 
-        client.pump(note_endings, timeout=120)
-        yield Death(worker, client, flights, killed_at, [p.pid for p in procs], procs, precondition)
-    finally:
-        if client is not None:
-            client.close()
-        stop_worker(worker)
+            def note_endings() -> bool:
+                for f in flights:
+                    if f.ended_at is None and (streams[f.sid].ended or streams[f.sid].reset):
+                        f.ended_at = time.monotonic()
+                return all(f.ended_at is not None for f in flights)
+
+            client.pump(note_endings, timeout=120)
+            yield Death(
+                worker, client, flights, killed_at, [p.pid for p in procs], procs, precondition
+            )
+        finally:
+            if core is not None:  # a failed precondition must not leave it stopped
+                engine_control.resume(core)
+            if client is not None:
+                client.close()
 
 
 def test_in_flight_requests_fail_promptly_with_unavailable(death):

@@ -20,8 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from backend.gen import backend_pb2 as pb
-from tests.conftest import Worker
-from tests.reliability.helpers import load, stop_worker
+from tests.reliability.helpers import load
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -54,9 +53,9 @@ def _check(stub: health_pb2_grpc.HealthStub, service: str = "") -> int:
 
 
 @pytest.mark.parametrize("transport", [pytest.param("grpcio", marks=pytest.mark.long), "h2"])
-def test_health_follows_the_model(transport, tiny_model_dir):
-    worker = Worker(env={"BACKEND_TRANSPORT": transport})
-    try:
+def test_health_follows_the_model(workers, transport, tiny_model_dir):
+    env = {"BACKEND_TRANSPORT": transport} if transport != "h2" else None
+    with workers.use(env=env) as worker:
         stub = health_pb2_grpc.HealthStub(worker.channel)
         assert _check(stub) == NOT_SERVING
         assert _check(stub, "backend.Backend") == NOT_SERVING
@@ -76,16 +75,13 @@ def test_health_follows_the_model(transport, tiny_model_dir):
         assert watch.next() == NOT_SERVING
         watch.call.cancel()
         unknown.call.cancel()
-    finally:
-        stop_worker(worker)
 
 
 @pytest.mark.parametrize("transport", ["grpcio", "h2"])
-def test_reflection_lists_and_describes_the_services(transport):
+def test_reflection_lists_and_describes_the_services(workers, transport):
     """grpcurl list / describe: grpc's own reflection client (v1alpha) against
     a real worker; v1, which grpcurl asks first, is listed too."""
-    worker = Worker(env={"BACKEND_TRANSPORT": transport})
-    try:
+    with workers.use(env={"BACKEND_TRANSPORT": transport}) as worker:
         db = ProtoReflectionDescriptorDatabase(worker.channel)
         services = set(db.get_services())
         assert {
@@ -97,5 +93,3 @@ def test_reflection_lists_and_describes_the_services(transport):
         pool = DescriptorPool(db)
         health = pool.FindServiceByName("backend.Backend").FindMethodByName("Health")
         assert health.input_type.full_name == "backend.HealthMessage"
-    finally:
-        stop_worker(worker)

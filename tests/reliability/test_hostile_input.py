@@ -25,32 +25,21 @@ import pytest
 from backend.gen import backend_pb2 as pb
 from tests.conftest import Worker, tiny_load_options
 from tests.integration.chat_helpers import WEATHER_TOOL
-from tests.integration.conftest import CHAT_OPTIONS
-from tests.reliability.helpers import greedy, load, state, stop_worker
+from tests.reliability.helpers import greedy, load, state
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 LOAD_FAILS = "LoadModel success=false"
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    worker = Worker()
-    try:
-        load(worker, tiny_model_dir, *CHAT_OPTIONS)
-        yield worker
-    finally:
-        stop_worker(worker)
+# `loaded` (tests/conftest.py): a pooled worker with the tiny model and CHAT_OPTIONS.
 
 
-@pytest.fixture(scope="module")
-def fresh():
-    """A worker that was never given a model."""
-    worker = Worker()
-    try:
+@pytest.fixture
+def fresh(workers):
+    """A pooled worker with no model loaded (its last load may have failed)."""
+    with workers.use() as worker:
         yield worker
-    finally:
-        stop_worker(worker)
 
 
 # ---- request builders ----------------------------------------------------------------

@@ -14,17 +14,14 @@ import grpc
 import pytest
 
 from backend.gen import backend_pb2 as pb
-from tests.conftest import Worker
 from tests.engine_control import engine_processes
 from tests.reliability.helpers import (
     describe,
     greedy,
     load,
-    log_text,
     rpc_code,
     shm_names,
     shm_used_by,
-    stop_worker,
     survivors,
     tree_pids,
     tree_rss,
@@ -57,14 +54,15 @@ class Cycle:
 @dataclass
 class Run:
     cycles: list[Cycle]
-    log: str  # the worker's log over all the cycles
+    log: str  # the worker's log over all the cycles (from the first load on)
 
 
 @pytest.fixture(scope="module")
-def run(tiny_model_dir):
-    worker = Worker()
-    out: list[Cycle] = []
-    try:
+def run(workers, tiny_model_dir):
+    """The cycles, on a pooled worker with no model loaded (left unloaded)."""
+    with workers.use() as worker:
+        since = worker.log_path.stat().st_size  # where this module's part of the log starts
+        out: list[Cycle] = []
         for i in range(CYCLES):
             started = time.monotonic()
             load(worker, tiny_model_dir)
@@ -109,9 +107,7 @@ def run(tiny_model_dir):
                 f"left {cycle.left_after_free}, zombies {cycle.zombies_after_free}, "
                 f"shm used {sorted(shm_used)}, still present {sorted(cycle.shm_leaked)}"
             )
-        yield Run(out, log_text(worker))
-    finally:
-        stop_worker(worker)
+        yield Run(out, worker.log_path.read_bytes()[since:].decode(errors="replace"))
 
 
 @pytest.fixture(scope="module")

@@ -29,17 +29,7 @@ GOOD = (("authorization", f"Bearer {TOKEN}"),)
 class AuthWorker(Worker):
     """Worker whose readiness probe carries the token (without it Health is refused)."""
 
-    def wait_healthy(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited:\n{self.log_tail()}")
-            try:
-                if self.stub.Health(pb.HealthMessage(), metadata=GOOD, timeout=2).message == b"OK":
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-        raise TimeoutError(self.log_tail())
+    health_metadata = GOOD
 
 
 @pytest.fixture(scope="module")

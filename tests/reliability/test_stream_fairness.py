@@ -32,10 +32,10 @@ from pathlib import Path
 import pytest
 
 from backend.gen import backend_pb2 as pb
-from tests.conftest import Worker
+from tests.conftest import tiny_load_options
 from tests.engine_control import FINISHED, FIRST_OUTPUT, logged, wait_logged
 from tests.h2client import H2Client
-from tests.reliability.helpers import greedy, load, log_text, stop_worker
+from tests.reliability.helpers import greedy, log_text
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -66,16 +66,15 @@ class Round:
     statuses: dict[int, tuple[int, str]] = field(default_factory=dict)
 
 
-@pytest.fixture(scope="module", params=[pytest.param("grpcio", marks=pytest.mark.long), "h2"])
-def worker(request, tiny_model_dir):
-    # --debug-requests: the worker logs each stream's first output and end.
-    w = Worker(env={"BACKEND_TRANSPORT": request.param}, args=["--debug-requests"])
-    try:
-        load(w, tiny_model_dir)
+@pytest.fixture(params=[pytest.param("grpcio", marks=pytest.mark.long), "h2"])
+def worker(request, workers, tiny_model_dir):
+    """A pooled worker with the tiny model loaded, on each transport (h2 is the
+    default); pooled workers run with --debug-requests: the worker logs each
+    stream's first output and end."""
+    env = {"BACKEND_TRANSPORT": request.param} if request.param != "h2" else None
+    with workers.use(load=tiny_load_options(tiny_model_dir), env=env) as w:
         assert w.stub.Predict(greedy(Tokens=2), timeout=120).tokens == 2
         yield w
-    finally:
-        stop_worker(w)
 
 
 def _served_together(log_path: Path, since: int, names: list[str]) -> tuple[bool, str]:
