@@ -12,6 +12,8 @@ LABELS = {
     "B": "B worker (gRPC)",
     "Bp": "B worker +parsers",
     "Bg": "B worker, Go client",
+    "Bi": "Bi worker on grpcio",
+    "G": "G vLLM gRPC server",
     "C": "C vLLM OpenAI server",
 }
 
@@ -221,7 +223,7 @@ _PAIRED = {
 def comparisons(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """{workload: {"B/A": {...}, "C/A": {...}, "Bp/B": {...}}} paired per repeat."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    pairs = [("B", "A"), ("Bg", "A"), ("C", "A"), ("Bp", "B")]
+    pairs = [("B", "A"), ("Bi", "A"), ("G", "A"), ("Bg", "A"), ("C", "A"), ("Bp", "B")]
     targets = {(r["workload"], r["target"]) for r in runs}
     for w in _workloads(runs):
         for t, base in pairs:
@@ -281,7 +283,7 @@ def goals(
             }
         )
 
-    for t in ("B", "Bg", "C"):
+    for t in ("B", "Bi", "G", "Bg", "C"):
         key = f"{t}/A"
         for w in ("c1", "c8", "c32"):
             c = comps.get(w, {}).get(key)
@@ -370,7 +372,7 @@ def table(summary: dict[str, Any], comps: dict[str, Any], goal_rows: list[dict[s
     )
     lines += [head, "-" * len(head)]
     for w, per_target in summary.items():
-        for t in ("A", "B", "Bg", "Bp", "C"):
+        for t in ("A", "B", "Bi", "G", "Bg", "Bp", "C"):
             s = per_target.get(t)
             if s is None:
                 continue
@@ -442,3 +444,31 @@ def noise_line(a_spread: dict[str, Any]) -> str:
     return "A's own throughput across repeats (same code each time): " + (
         ", ".join(parts) if parts else "n/a"
     )
+
+
+def side_by_side(comps: dict[str, Any]) -> str:
+    """Serving-process CPU per output token and throughput, each target as a
+    multiple of A's (paired per repeat): median [min-max] over the repeats."""
+
+    def cell(values: Sequence[float]) -> str:
+        if not values:
+            return "-"
+        return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+    lines = [
+        f"{'workload':8} {'target':22} {'CPU/token x A':>22} {'tok/s x A':>22}",
+    ]
+    for w, per_pair in comps.items():
+        for pair, c in per_pair.items():
+            t, base = pair.split("/")
+            if base != "A":
+                continue
+            lines.append(
+                f"{w:8} {LABELS[t]:22} {cell(c['per_repeat']['main_cpu_per_tok_ratio']):>22} "
+                f"{cell(c['per_repeat']['tok_s_ratio']):>22}"
+            )
+    lines.append(
+        "(serving main process CPU per output token / A driver's, and tok/s / A's, paired "
+        "per repeat: median [min-max])"
+    )
+    return "\n".join(lines)
