@@ -12,6 +12,8 @@ LABELS = {
     "B": "B worker (gRPC)",
     "Bp": "B worker +parsers",
     "Bg": "B worker, Go client",
+    "B:discard": "B, sends dropped",
+    "B:nosend": "B, no streamed Replies",
     "Bi": "Bi worker on grpcio",
     "G": "G vLLM gRPC server",
     "C": "C vLLM OpenAI server",
@@ -102,6 +104,9 @@ def run_metrics(raw: dict[str, Any]) -> dict[str, Any]:
         "client_cpu_s": raw.get("client_cpu_s"),
         "tree_cpu_us_per_tok": per_tok(raw.get("tree_cpu_s")),
         "main_cpu_us_per_tok": per_tok(raw.get("main_cpu_s")),
+        "main_cpu_us_per_req": raw["main_cpu_s"] / len(ok) * 1e6
+        if ok and raw.get("main_cpu_s") is not None
+        else None,
         "client_cpu_us_per_tok": per_tok(raw.get("client_cpu_s")),
         "loadavg_1m": raw.get("loadavg_1m"),
     }
@@ -135,6 +140,7 @@ SUMMARY_KEYS = (
     "client_cpu_s",
     "tree_cpu_us_per_tok",
     "main_cpu_us_per_tok",
+    "main_cpu_us_per_req",
     "client_cpu_us_per_tok",
     "chunks_per_token",
     "tokens_per_request",
@@ -223,7 +229,16 @@ _PAIRED = {
 def comparisons(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """{workload: {"B/A": {...}, "C/A": {...}, "Bp/B": {...}}} paired per repeat."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    pairs = [("B", "A"), ("Bi", "A"), ("G", "A"), ("Bg", "A"), ("C", "A"), ("Bp", "B")]
+    pairs = [
+        ("B", "A"),
+        ("B:discard", "A"),
+        ("B:nosend", "A"),
+        ("Bi", "A"),
+        ("G", "A"),
+        ("Bg", "A"),
+        ("C", "A"),
+        ("Bp", "B"),
+    ]
     targets = {(r["workload"], r["target"]) for r in runs}
     for w in _workloads(runs):
         for t, base in pairs:
@@ -372,7 +387,7 @@ def table(summary: dict[str, Any], comps: dict[str, Any], goal_rows: list[dict[s
     )
     lines += [head, "-" * len(head)]
     for w, per_target in summary.items():
-        for t in ("A", "B", "Bi", "G", "Bg", "Bp", "C"):
+        for t in ("A", "B", "B:discard", "B:nosend", "Bi", "G", "Bg", "Bp", "C"):
             s = per_target.get(t)
             if s is None:
                 continue

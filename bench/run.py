@@ -27,7 +27,7 @@ from typing import IO, Any
 import psutil
 
 from backend.config import TRANSPORTS
-from bench import common, gcprobe, report, vllm_grpc
+from bench import common, gcprobe, perfsplit, report, vllm_grpc
 from bench.common import (
     ROOT,
     Channel,
@@ -305,11 +305,13 @@ class WorkerTarget(Target):
         client_log: IO[bytes],
         gc_probe: bool,
         transport: str | None = None,
+        cut: str | None = None,
     ) -> None:
-        """`transport`: this worker's gRPC server, when not the run's `--transport`."""
+        """`transport`: this worker's gRPC server, when not the run's `--transport`;
+        `cut`: a piece of the per-token path cut out (bench/cuts.py)."""
         super().__init__()
         self.key = key
-        if transport is not None:
+        if transport is not None or cut is not None:
             self.kinds = ("raw",)
         self.addr = f"127.0.0.1:{_free_port()}"
         self.gc_chan: Channel | None = None
@@ -321,6 +323,8 @@ class WorkerTarget(Target):
                    "--addr", self.addr]  # fmt: skip
             pass_fds = [child.fileno()]
             self.gc_chan = Channel(parent)
+        elif cut is not None:
+            cmd = [sys.executable, "-m", "bench.cuts", "--cut", cut, "--addr", self.addr]
         env = quiet_child_env()
         if transport is not None:
             env["BACKEND_TRANSPORT"] = transport
@@ -568,6 +572,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also vLLM's own gRPC server (G; needs smg-grpc-servicer, see bench/vllm_grpc.py)",
     )
     p.add_argument(
+        "--worker-cut",
+        action="append",
+        default=[],
+        choices=("discard", "nosend"),
+        help="also a worker with a piece of the per-token path cut out (target B:NAME, "
+        "bench/cuts.py); repeatable",
+    )
+    p.add_argument(
         "--with-grpcio",
         action="store_true",
         help="also the worker on the grpcio transport (Bi; with --transport h2), raw workloads",
@@ -575,7 +587,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--workloads",
         default="c1,c8,c32,long,chat8",
-        help="comma-separated subset of c1,c8,c32,long,chat8",
+        help="comma-separated subset of c1,c8,c32,long,chat8 and c1short (2-token requests: "
+        "per-request cost)",
     )
     p.add_argument(
         "--profile",
@@ -585,6 +598,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="after the repeats, py-spy the worker's main process this long under load",
     )
     p.add_argument("--profile-workload", default="c8", help="workload run while profiling")
+    p.add_argument(
+        "--perf",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after the repeats, perf-record each raw target's serving process this long "
+        "under --perf-workload, and count its system calls (bench/perfsplit.py)",
+    )
+    p.add_argument("--perf-workload", default="c1", help="workload run under --perf")
     p.add_argument(
         "--profile-native",
         action="store_true",
@@ -752,6 +774,30 @@ def _profile(
     return parsed
 
 
+def _perf_split(
+    targets: dict[str, Target], all_w: dict[str, Workload], name: str, seconds: float, log_dir: Path
+) -> dict[str, Any]:
+    why = perfsplit.available()
+    w = all_w.get(name)
+    if why or w is None or w.kind != "raw":
+        return {"error": why or f"--perf-workload {name}: a raw workload is needed"}
+    out: dict[str, Any] = {}
+    for key in ("A", "B", "B:discard", "B:nosend", "Bi", "G"):
+        target = targets.get(key)
+        if target is None:
+            continue
+        _say(f"perf: {key} (pid {target.serving_pid}) under {w.name}, {seconds:g} s")
+
+        def once(target: Target = target) -> int:
+            time.sleep(0.3)
+            return int(report.run_metrics(target.run(w))["tokens"])
+
+        out[key] = perfsplit.measure(
+            target.serving_pid, seconds, once, lambda pid: cpu_seconds(pid, False), log_dir, key
+        )
+    return out
+
+
 def _autogroup() -> str:
     try:
         with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
@@ -845,6 +891,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     idle: dict[str, float] = {}
     prof: dict[str, Any] | None = None
+    split: dict[str, Any] | None = None
     need_raw = any(w.kind == "raw" for w in ws)
     need_chat = any(w.kind == "chat" for w in ws)
     t_start = time.perf_counter()
@@ -887,6 +934,15 @@ def main(argv: list[str] | None = None) -> int:
             targets["Bi"].client.call({"op": "ping"}, timeout=600)  # type: ignore[union-attr]
             _say("Bi: LoadModel (tool_parser:none, reasoning_parser:none)")
             targets["Bi"].load(model_options(model_dir, max_model_len))  # type: ignore[attr-defined]
+        for cut in args.worker_cut if need_raw else ():
+            key = f"B:{cut}"
+            _say(f"starting worker {key} (python -m bench.cuts --cut {cut})")
+            targets[key] = WorkerTarget(
+                key, log(f"worker-{key}"), log(f"client-{key}"), False, cut=cut
+            )
+            targets[key].client.call({"op": "ping"}, timeout=600)  # type: ignore[union-attr]
+            _say(f"{key}: LoadModel (tool_parser:none, reasoning_parser:none)")
+            targets[key].load(model_options(model_dir, max_model_len))  # type: ignore[attr-defined]
         if args.with_vllm_grpc and need_raw:
             why = vllm_grpc.missing()
             if why is not None:
@@ -918,7 +974,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             _say(f"idle CPU % of each serving tree (all idle): {idle}")
 
-        order = ["A", "B", "Bi", "G", "Bg", "Bp", "C"]
+        order = ["A", "B", *(f"B:{c}" for c in args.worker_cut), "Bi", "G", "Bg", "Bp", "C"]
         for rep in range(args.repeats):
             for w in ws:
                 for key in order:
@@ -961,6 +1017,8 @@ def main(argv: list[str] | None = None) -> int:
             prof = _profile(
                 worker, pw, args.profile, log_dir, args.profile_native, args.profile_engine
             )
+        if args.perf > 0:
+            split = _perf_split(targets, all_w, args.perf_workload, args.perf, log_dir)
     finally:
         # Nothing is measured any more: stop all targets at once.
         _say(f"stopping {', '.join(targets)}")
@@ -1018,6 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
         "goals": goal_rows,
         "a_spread_tok_s": a_spread,
         "profile": prof,
+        "perf_split": split,
         "floor": floor,
         "floors": floors,
         "runs": runs,
@@ -1058,5 +1117,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_profile(prof))
     elif prof:
         print(f"profile: {prof.get('error')}")
+    if split:
+        print()
+        print(perfsplit.format_split(split))
     print(f"\nresults: {out}")
     return 0
