@@ -6,9 +6,13 @@ Started as `python -m bench.cuts --cut NAME --addr ...`: the patch below, then
 change; the final Reply (usage, the last piece) is sent as always, so the
 client still counts every token and the per-token CPU stays comparable:
 
+* `nowrite`: every streamed Reply is built, serialized and framed as
+  `h2grpc.calls.Context.write` + `Sender.send_message` do (gRPC prefix, DATA
+  frame, a flush scheduled for the next loop turn), and the bytes are dropped
+  instead of written to the socket. B - B:nowrite = the socket write, the
+  kernel's loopback path and waking the client.
 * `discard`: every streamed Reply is built and handed to a send that drops it.
-  B - B:discard = the transport's share: serialization, HTTP/2 framing, the
-  socket write and the kernel's loopback path, and waking the client.
+  B:nowrite - B:discard = the transport's Python work.
 * `nosend`: streamed pieces are neither built into Replies nor sent
   (`generation.run` with no `send`). B:discard - B:nosend = building Replies.
   B:nosend - A = the worker's own path without any output: per-request
@@ -20,20 +24,34 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-CUTS = ("discard", "nosend")
+CUTS = ("nowrite", "discard", "nosend")
 
 
 def apply(cut: str) -> None:
+    import asyncio
+
+    from backend.h2grpc.frames import DATA, GRPC_PREFIX, frame
     from backend.servicer import BackendServicer
 
     original = BackendServicer._generate
+    queued: list[bytes] = []
+
+    def flush() -> None:
+        queued.clear()
 
     async def drop(reply: Any) -> None:
         return None
 
+    async def unwritten(reply: Any) -> None:
+        data = reply.SerializeToString()
+        queued.append(frame(DATA, 0, 1, GRPC_PREFIX.pack(0, len(data)) + data))
+        asyncio.get_running_loop().call_soon(flush)
+
+    sends = {"nowrite": unwritten, "discard": drop, "nosend": None}
+
     async def generate(self: BackendServicer, req: Any, send: Any) -> Any:
         if send is not None:
-            send = drop if cut == "discard" else None
+            send = sends[cut]
         return await original(self, req, send)
 
     if cut not in CUTS:

@@ -429,6 +429,13 @@ def table(cases: list[Case]) -> str:
                     f"{_cell(_stats([r[metric] for r in rows['worker']])):>24} "
                     f"{_cell(_stats([r[metric] for r in rows['vllm serve']])):>24}"
                 )
+            outputs = {
+                (r["content"], r["name"], r["arguments"]) for side in rows.values() for r in side
+            }
+            lines.append(
+                f"{'':8} {'':18} both servers streamed the same output: "
+                f"{'yes' if len(outputs) == 1 else f'NO ({len(outputs)} different)'}"
+            )
             for side in ("worker", "vllm serve"):
                 r = rows[side][-1]
                 if r["args_bytes"]:

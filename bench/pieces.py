@@ -23,8 +23,9 @@ runs; on a shared machine the best is the figure least disturbed by others):
   a bare `async for` (what vLLM's in-process driver does per token);
 * `socket_write`: one ~20-byte `transport.write` on a loopback TCP connection to
   a reader process, 1 ms apart, CPU of this process (user + system, which on
-  loopback includes the kernel's receive path) minus the same loop sleeping
-  without writing.
+  loopback includes the kernel's receive path and waking the reader) minus the
+  same loop sleeping without writing; `socket_write_unix`: the same on a Unix
+  socket (the worker listens on `unix:PATH` too).
 """
 
 from __future__ import annotations
@@ -188,13 +189,18 @@ def _reader(sock: socket.socket) -> None:
         pass
 
 
-async def socket_write(writes: int, gap_s: float) -> float:
-    """CPU µs per small write on loopback TCP to a reader process, minus sleeping alone."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    peer = socket.create_connection(("127.0.0.1", port))
-    conn, _ = listener.accept()
-    listener.close()
+async def socket_write(writes: int, gap_s: float, unix: bool = False) -> float:
+    """CPU µs per small write on loopback TCP (or a Unix socket) to a reader
+    process, minus the same loop sleeping without writing."""
+    if unix:
+        conn, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        peer = socket.create_connection(("127.0.0.1", port))
+        conn, _ = listener.accept()
+        listener.close()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     reader = mp.get_context("spawn").Process(target=_reader, args=(peer,), daemon=True)
     reader.start()
     peer.close()
@@ -229,6 +235,7 @@ def main() -> None:
         out = await measure(args.n)
         if args.socket_writes:
             out["socket_write"] = await socket_write(args.socket_writes, 0.001)
+            out["socket_write_unix"] = await socket_write(args.socket_writes, 0.001, unix=True)
         return out
 
     result = run_async(all_of())

@@ -12,6 +12,7 @@ LABELS = {
     "B": "B worker (gRPC)",
     "Bp": "B worker +parsers",
     "Bg": "B worker, Go client",
+    "B:nowrite": "B, framed, not written",
     "B:discard": "B, sends dropped",
     "B:nosend": "B, no streamed Replies",
     "Bi": "Bi worker on grpcio",
@@ -231,6 +232,7 @@ def comparisons(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any
     out: dict[str, dict[str, dict[str, Any]]] = {}
     pairs = [
         ("B", "A"),
+        ("B:nowrite", "A"),
         ("B:discard", "A"),
         ("B:nosend", "A"),
         ("Bi", "A"),
@@ -387,7 +389,7 @@ def table(summary: dict[str, Any], comps: dict[str, Any], goal_rows: list[dict[s
     )
     lines += [head, "-" * len(head)]
     for w, per_target in summary.items():
-        for t in ("A", "B", "B:discard", "B:nosend", "Bi", "G", "Bg", "Bp", "C"):
+        for t in ("A", "B", "B:nowrite", "B:discard", "B:nosend", "Bi", "G", "Bg", "Bp", "C"):
             s = per_target.get(t)
             if s is None:
                 continue

@@ -575,7 +575,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--worker-cut",
         action="append",
         default=[],
-        choices=("discard", "nosend"),
+        choices=("nowrite", "discard", "nosend"),
         help="also a worker with a piece of the per-token path cut out (target B:NAME, "
         "bench/cuts.py); repeatable",
     )
@@ -782,7 +782,7 @@ def _perf_split(
     if why or w is None or w.kind != "raw":
         return {"error": why or f"--perf-workload {name}: a raw workload is needed"}
     out: dict[str, Any] = {}
-    for key in ("A", "B", "B:discard", "B:nosend", "Bi", "G"):
+    for key in ("A", "B", "B:nowrite", "B:discard", "B:nosend", "Bi", "G"):
         target = targets.get(key)
         if target is None:
             continue
