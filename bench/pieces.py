@@ -41,9 +41,11 @@ from types import SimpleNamespace
 from typing import Any
 
 from backend import generation, replies
-from backend.h2grpc.calls import Context, Stream
+from backend.h2grpc.calls import Context
+from backend.h2grpc.flood import Flood
 from backend.h2grpc.frames import DATA, GRPC_PREFIX, frame
-from backend.h2grpc.sending import Sender
+from backend.h2grpc.outflow import Sender
+from backend.h2grpc.stream import Stream
 from backend.output.state import OutputState
 from bench.common import run_async
 
@@ -78,20 +80,26 @@ class _Transport:
 
 
 class _Conn:
-    """What `Sender` and `Context` use of a connection."""
+    """What `Context.write` uses of a connection: its sender."""
 
     def __init__(self) -> None:
-        self.transport = _Transport()
-        self.closing = False
-        self.update_credit = 0
-        self.streams: dict[int, Stream] = {}
-        self.sender = Sender(self)  # type: ignore[arg-type]
+        self.sender = Sender(Flood(), lambda stream: None)
+        self.sender.attach(_Transport())  # type: ignore[arg-type]
+        self.sender.window = 2**62  # never blocks: flow control is not what is timed
 
 
-def _stream(conn: _Conn) -> Stream:
-    stream = Stream(1, conn, 2**31 - 1, 65_535)  # type: ignore[arg-type]
-    stream.headers_sent = True
-    conn.sender.window = 2**62  # never blocks: flow control is not what is timed
+class _Call:
+    """What `Context` uses of a call."""
+
+    def __init__(self, conn: _Conn, stream: Stream) -> None:
+        self.conn = conn
+        self.stream = stream
+
+
+def _stream() -> Stream:
+    stream = Stream(1, [], 65_535)
+    stream.start_reply()
+    stream.credit(2**31 - 1)
     return stream
 
 
@@ -141,7 +149,7 @@ async def measure(n: int) -> dict[str, float]:
     out["frame"] = best_us(lambda: frame(DATA, 0, 1, payload), n)
 
     conn = _Conn()
-    stream = _stream(conn)
+    stream = _stream()
     sender = conn.sender
 
     async def sends() -> None:
@@ -151,7 +159,7 @@ async def measure(n: int) -> dict[str, float]:
 
     out["send_message"] = await best_us_async(sends, n)
 
-    context = Context(stream)
+    context = Context(_Call(conn, stream))  # type: ignore[arg-type]
 
     async def writes() -> None:
         for _ in range(n):
