@@ -12,6 +12,7 @@ LABELS = {
     "B": "B worker (gRPC)",
     "Bp": "B worker +parsers",
     "Bg": "B worker, Go client",
+    "B'": "B' worker, --worker-tree",
     "B:nowrite": "B, framed, not written",
     "B:discard": "B, sends dropped",
     "B:nosend": "B, no streamed Replies",
@@ -232,6 +233,8 @@ def comparisons(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any
     out: dict[str, dict[str, dict[str, Any]]] = {}
     pairs = [
         ("B", "A"),
+        ("B'", "A"),
+        ("B'", "B"),
         ("B:nowrite", "A"),
         ("B:discard", "A"),
         ("B:nosend", "A"),
@@ -389,7 +392,7 @@ def table(summary: dict[str, Any], comps: dict[str, Any], goal_rows: list[dict[s
     )
     lines += [head, "-" * len(head)]
     for w, per_target in summary.items():
-        for t in ("A", "B", "B:nowrite", "B:discard", "B:nosend", "Bi", "G", "Bg", "Bp", "C"):
+        for t in ("A", "B", "B'", "B:nowrite", "B:discard", "B:nosend", "Bi", "G", "Bg", "Bp", "C"):
             s = per_target.get(t)
             if s is None:
                 continue
@@ -473,19 +476,20 @@ def side_by_side(comps: dict[str, Any]) -> str:
         return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
 
     lines = [
-        f"{'workload':8} {'target':22} {'CPU/token x A':>22} {'tok/s x A':>22}",
+        f"{'workload':8} {'target':26} {'CPU/token x base':>22} {'tok/s x base':>22}",
     ]
     for w, per_pair in comps.items():
         for pair, c in per_pair.items():
             t, base = pair.split("/")
-            if base != "A":
+            if base != "A" and pair != "B'/B":
                 continue
+            label = LABELS.get(t, t) + ("" if base == "A" else " /B")
             lines.append(
-                f"{w:8} {LABELS[t]:22} {cell(c['per_repeat']['main_cpu_per_tok_ratio']):>22} "
+                f"{w:8} {label:26} {cell(c['per_repeat']['main_cpu_per_tok_ratio']):>22} "
                 f"{cell(c['per_repeat']['tok_s_ratio']):>22}"
             )
     lines.append(
-        "(serving main process CPU per output token / A driver's, and tok/s / A's, paired "
-        "per repeat: median [min-max])"
+        "(serving main process CPU per output token / the base's (A's driver; /B: worker B), "
+        "and tok/s / the base's, paired per repeat: median [min-max])"
     )
     return "\n".join(lines)

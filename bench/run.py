@@ -306,12 +306,14 @@ class WorkerTarget(Target):
         gc_probe: bool,
         transport: str | None = None,
         cut: str | None = None,
+        tree: Path | None = None,
     ) -> None:
         """`transport`: this worker's gRPC server, when not the run's `--transport`;
-        `cut`: a piece of the per-token path cut out (bench/cuts.py)."""
+        `cut`: a piece of the per-token path cut out (bench/cuts.py); `tree`: run
+        the worker from another checkout (its `backend/`, e.g. a proposal applied)."""
         super().__init__()
         self.key = key
-        if transport is not None or cut is not None:
+        if transport is not None or cut is not None or tree is not None:
             self.kinds = ("raw",)
         self.addr = f"127.0.0.1:{_free_port()}"
         self.gc_chan: Channel | None = None
@@ -328,9 +330,11 @@ class WorkerTarget(Target):
         env = quiet_child_env()
         if transport is not None:
             env["BACKEND_TRANSPORT"] = transport
+        if tree is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(tree), env["PYTHONPATH"]])
         self.proc = subprocess.Popen(
             cmd,
-            cwd=ROOT,
+            cwd=tree or ROOT,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -580,6 +584,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "bench/cuts.py); repeatable",
     )
     p.add_argument(
+        "--worker-tree",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also the worker from another checkout (target B', raw workloads): "
+        "A/B-test a change in one run, e.g. a copy of this tree with a proposal applied",
+    )
+    p.add_argument(
         "--with-grpcio",
         action="store_true",
         help="also the worker on the grpcio transport (Bi; with --transport h2), raw workloads",
@@ -782,7 +794,7 @@ def _perf_split(
     if why or w is None or w.kind != "raw":
         return {"error": why or f"--perf-workload {name}: a raw workload is needed"}
     out: dict[str, Any] = {}
-    for key in ("A", "B", "B:nowrite", "B:discard", "B:nosend", "Bi", "G"):
+    for key in ("A", "B", "B'", "B:nowrite", "B:discard", "B:nosend", "Bi", "G"):
         target = targets.get(key)
         if target is None:
             continue
@@ -934,6 +946,15 @@ def main(argv: list[str] | None = None) -> int:
             targets["Bi"].client.call({"op": "ping"}, timeout=600)  # type: ignore[union-attr]
             _say("Bi: LoadModel (tool_parser:none, reasoning_parser:none)")
             targets["Bi"].load(model_options(model_dir, max_model_len))  # type: ignore[attr-defined]
+        if args.worker_tree is not None and need_raw:
+            tree = args.worker_tree.resolve()
+            _say(f"starting worker B' (python -m backend from {tree})")
+            targets["B'"] = WorkerTarget(
+                "B'", log("worker-Bprime"), log("client-Bprime"), False, tree=tree
+            )
+            targets["B'"].client.call({"op": "ping"}, timeout=600)  # type: ignore[union-attr]
+            _say("B': LoadModel (tool_parser:none, reasoning_parser:none)")
+            targets["B'"].load(model_options(model_dir, max_model_len))  # type: ignore[attr-defined]
         for cut in args.worker_cut if need_raw else ():
             key = f"B:{cut}"
             _say(f"starting worker {key} (python -m bench.cuts --cut {cut})")
@@ -974,7 +995,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             _say(f"idle CPU % of each serving tree (all idle): {idle}")
 
-        order = ["A", "B", *(f"B:{c}" for c in args.worker_cut), "Bi", "G", "Bg", "Bp", "C"]
+        order = ["A", "B", "B'", *(f"B:{c}" for c in args.worker_cut), "Bi", "G", "Bg", "Bp", "C"]
         for rep in range(args.repeats):
             for w in ws:
                 for key in order:
