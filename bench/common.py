@@ -120,6 +120,7 @@ def workloads(quick: bool) -> list[Workload]:
     if quick:
         return [
             Workload("c1", 1, 3, 64),
+            Workload("c1short", 1, 16, 2),
             Workload("c8", 8, 8, 64),
             Workload("c32", 32, 32, 64),
             Workload("long", 1, 1, 400),
@@ -127,6 +128,7 @@ def workloads(quick: bool) -> list[Workload]:
         ]
     return [
         Workload("c1", 1, 4, 256),
+        Workload("c1short", 1, 32, 2),
         Workload("c8", 8, 16, 256),
         Workload("c32", 32, 64, 256),
         Workload("long", 1, 2, 1000),

@@ -12,6 +12,12 @@ LABELS = {
     "B": "B worker (gRPC)",
     "Bp": "B worker +parsers",
     "Bg": "B worker, Go client",
+    "B'": "B' worker, --worker-tree",
+    "B:nowrite": "B, framed, not written",
+    "B:discard": "B, sends dropped",
+    "B:nosend": "B, no streamed Replies",
+    "Bi": "Bi worker on grpcio",
+    "G": "G vLLM gRPC server",
     "C": "C vLLM OpenAI server",
 }
 
@@ -100,6 +106,9 @@ def run_metrics(raw: dict[str, Any]) -> dict[str, Any]:
         "client_cpu_s": raw.get("client_cpu_s"),
         "tree_cpu_us_per_tok": per_tok(raw.get("tree_cpu_s")),
         "main_cpu_us_per_tok": per_tok(raw.get("main_cpu_s")),
+        "main_cpu_us_per_req": raw["main_cpu_s"] / len(ok) * 1e6
+        if ok and raw.get("main_cpu_s") is not None
+        else None,
         "client_cpu_us_per_tok": per_tok(raw.get("client_cpu_s")),
         "loadavg_1m": raw.get("loadavg_1m"),
     }
@@ -133,6 +142,7 @@ SUMMARY_KEYS = (
     "client_cpu_s",
     "tree_cpu_us_per_tok",
     "main_cpu_us_per_tok",
+    "main_cpu_us_per_req",
     "client_cpu_us_per_tok",
     "chunks_per_token",
     "tokens_per_request",
@@ -221,7 +231,19 @@ _PAIRED = {
 def comparisons(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """{workload: {"B/A": {...}, "C/A": {...}, "Bp/B": {...}}} paired per repeat."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    pairs = [("B", "A"), ("Bg", "A"), ("C", "A"), ("Bp", "B")]
+    pairs = [
+        ("B", "A"),
+        ("B'", "A"),
+        ("B'", "B"),
+        ("B:nowrite", "A"),
+        ("B:discard", "A"),
+        ("B:nosend", "A"),
+        ("Bi", "A"),
+        ("G", "A"),
+        ("Bg", "A"),
+        ("C", "A"),
+        ("Bp", "B"),
+    ]
     targets = {(r["workload"], r["target"]) for r in runs}
     for w in _workloads(runs):
         for t, base in pairs:
@@ -281,7 +303,7 @@ def goals(
             }
         )
 
-    for t in ("B", "Bg", "C"):
+    for t in ("B", "Bi", "G", "Bg", "C"):
         key = f"{t}/A"
         for w in ("c1", "c8", "c32"):
             c = comps.get(w, {}).get(key)
@@ -370,7 +392,7 @@ def table(summary: dict[str, Any], comps: dict[str, Any], goal_rows: list[dict[s
     )
     lines += [head, "-" * len(head)]
     for w, per_target in summary.items():
-        for t in ("A", "B", "Bg", "Bp", "C"):
+        for t in ("A", "B", "B'", "B:nowrite", "B:discard", "B:nosend", "Bi", "G", "Bg", "Bp", "C"):
             s = per_target.get(t)
             if s is None:
                 continue
@@ -442,3 +464,32 @@ def noise_line(a_spread: dict[str, Any]) -> str:
     return "A's own throughput across repeats (same code each time): " + (
         ", ".join(parts) if parts else "n/a"
     )
+
+
+def side_by_side(comps: dict[str, Any]) -> str:
+    """Serving-process CPU per output token and throughput, each target as a
+    multiple of A's (paired per repeat): median [min-max] over the repeats."""
+
+    def cell(values: Sequence[float]) -> str:
+        if not values:
+            return "-"
+        return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+    lines = [
+        f"{'workload':8} {'target':26} {'CPU/token x base':>22} {'tok/s x base':>22}",
+    ]
+    for w, per_pair in comps.items():
+        for pair, c in per_pair.items():
+            t, base = pair.split("/")
+            if base != "A" and pair != "B'/B":
+                continue
+            label = LABELS.get(t, t) + ("" if base == "A" else " /B")
+            lines.append(
+                f"{w:8} {label:26} {cell(c['per_repeat']['main_cpu_per_tok_ratio']):>22} "
+                f"{cell(c['per_repeat']['tok_s_ratio']):>22}"
+            )
+    lines.append(
+        "(serving main process CPU per output token / the base's (A's driver; /B: worker B), "
+        "and tok/s / the base's, paired per repeat: median [min-max])"
+    )
+    return "\n".join(lines)

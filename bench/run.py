@@ -27,7 +27,7 @@ from typing import IO, Any
 import psutil
 
 from backend.config import TRANSPORTS
-from bench import common, gcprobe, report
+from bench import common, gcprobe, perfsplit, report, vllm_grpc
 from bench.common import (
     ROOT,
     Channel,
@@ -162,6 +162,7 @@ class Child:
         log: IO[bytes],
         program: list[str] | None = None,
         nice: int = 0,
+        env: dict[str, str] | None = None,
     ) -> None:
         """`python -m module --fd N args`, or `program --fd N args` when given.
 
@@ -172,7 +173,7 @@ class Child:
         self.proc = subprocess.Popen(
             [*(program or [sys.executable, "-m", module]), "--fd", str(child.fileno()), *args],
             cwd=ROOT,
-            env=quiet_child_env(),
+            env=env or quiet_child_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
             pass_fds=[child.fileno()],
@@ -295,11 +296,25 @@ class InProcTarget(Target):
 
 
 class WorkerTarget(Target):
-    kinds = ("raw", "chat")
+    kinds: tuple[str, ...] = ("raw", "chat")
 
-    def __init__(self, key: str, log: IO[bytes], client_log: IO[bytes], gc_probe: bool) -> None:
+    def __init__(
+        self,
+        key: str,
+        log: IO[bytes],
+        client_log: IO[bytes],
+        gc_probe: bool,
+        transport: str | None = None,
+        cut: str | None = None,
+        tree: Path | None = None,
+    ) -> None:
+        """`transport`: this worker's gRPC server, when not the run's `--transport`;
+        `cut`: a piece of the per-token path cut out (bench/cuts.py); `tree`: run
+        the worker from another checkout (its `backend/`, e.g. a proposal applied)."""
         super().__init__()
         self.key = key
+        if transport is not None or cut is not None or tree is not None:
+            self.kinds = ("raw",)
         self.addr = f"127.0.0.1:{_free_port()}"
         self.gc_chan: Channel | None = None
         cmd = [sys.executable, "-m", "backend", "--addr", self.addr]
@@ -310,10 +325,17 @@ class WorkerTarget(Target):
                    "--addr", self.addr]  # fmt: skip
             pass_fds = [child.fileno()]
             self.gc_chan = Channel(parent)
+        elif cut is not None:
+            cmd = [sys.executable, "-m", "bench.cuts", "--cut", cut, "--addr", self.addr]
+        env = quiet_child_env()
+        if transport is not None:
+            env["BACKEND_TRANSPORT"] = transport
+        if tree is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(tree), env["PYTHONPATH"]])
         self.proc = subprocess.Popen(
             cmd,
-            cwd=ROOT,
-            env=quiet_child_env(),
+            cwd=tree or ROOT,
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             pass_fds=pass_fds,
@@ -488,6 +510,55 @@ class OpenAITarget(Target):
         _stop_process(self.proc, "openai server")
 
 
+class VllmGrpcTarget(Target):
+    """vLLM's own gRPC server (bench/vllm_grpc.py: smg's servicer, ids out, no detokenizing)."""
+
+    key = "G"
+
+    def __init__(self, model_dir: str, max_model_len: int, log: IO[bytes], client_log: IO[bytes]):
+        super().__init__()
+        port = _free_port()
+        self.addr = f"127.0.0.1:{port}"
+        cmd = vllm_grpc.server_command(
+            model_dir, max_model_len, port, common.KV_CACHE_BYTES, common.EXTRA_OPTIONS
+        )
+        started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=vllm_grpc.env_with_smg(quiet_child_env()), stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=SEPARATE_SESSIONS,
+        )  # fmt: skip
+        self._wait_serving()
+        # Process start to SERVING (imports and the servicer's warm-up included).
+        self.load_seconds = time.perf_counter() - started
+        self.client = Child(
+            "G client",
+            "bench.vllm_grpc",
+            ["--addr", self.addr],
+            client_log,
+            nice=CLIENT_NICE,
+            env=vllm_grpc.env_with_smg(quiet_child_env()),
+        )
+
+    def _wait_serving(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM's gRPC server exited with {self.proc.returncode}")
+            if vllm_grpc.serving(self.addr):
+                return
+            time.sleep(0.5)
+        raise TimeoutError("vLLM's gRPC server not SERVING in time")
+
+    @property
+    def serving_pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.stop()
+        _stop_process(self.proc, "vllm grpc server")
+
+
 # ---- the run ---------------------------------------------------------------------------
 
 
@@ -500,9 +571,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="rounds (default 5; --quick: 2)")
     p.add_argument("--with-openai", action="store_true", help="also vLLM's OpenAI server (C)")
     p.add_argument(
+        "--with-vllm-grpc",
+        action="store_true",
+        help="also vLLM's own gRPC server (G; needs smg-grpc-servicer, see bench/vllm_grpc.py)",
+    )
+    p.add_argument(
+        "--worker-cut",
+        action="append",
+        default=[],
+        choices=("nowrite", "discard", "nosend"),
+        help="also a worker with a piece of the per-token path cut out (target B:NAME, "
+        "bench/cuts.py); repeatable",
+    )
+    p.add_argument(
+        "--worker-tree",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also the worker from another checkout (target B', raw workloads): "
+        "A/B-test a change in one run, e.g. a copy of this tree with a proposal applied",
+    )
+    p.add_argument(
+        "--with-grpcio",
+        action="store_true",
+        help="also the worker on the grpcio transport (Bi; with --transport h2), raw workloads",
+    )
+    p.add_argument(
         "--workloads",
         default="c1,c8,c32,long,chat8",
-        help="comma-separated subset of c1,c8,c32,long,chat8",
+        help="comma-separated subset of c1,c8,c32,long,chat8 and c1short (2-token requests: "
+        "per-request cost)",
     )
     p.add_argument(
         "--profile",
@@ -512,6 +610,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="after the repeats, py-spy the worker's main process this long under load",
     )
     p.add_argument("--profile-workload", default="c8", help="workload run while profiling")
+    p.add_argument(
+        "--perf",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after the repeats, perf-record each raw target's serving process this long "
+        "under --perf-workload, and count its system calls (bench/perfsplit.py)",
+    )
+    p.add_argument("--perf-workload", default="c1", help="workload run under --perf")
     p.add_argument(
         "--profile-native",
         action="store_true",
@@ -679,6 +786,30 @@ def _profile(
     return parsed
 
 
+def _perf_split(
+    targets: dict[str, Target], all_w: dict[str, Workload], name: str, seconds: float, log_dir: Path
+) -> dict[str, Any]:
+    why = perfsplit.available()
+    w = all_w.get(name)
+    if why or w is None or w.kind != "raw":
+        return {"error": why or f"--perf-workload {name}: a raw workload is needed"}
+    out: dict[str, Any] = {}
+    for key in ("A", "B", "B'", "B:nowrite", "B:discard", "B:nosend", "Bi", "G"):
+        target = targets.get(key)
+        if target is None:
+            continue
+        _say(f"perf: {key} (pid {target.serving_pid}) under {w.name}, {seconds:g} s")
+
+        def once(target: Target = target) -> int:
+            time.sleep(0.3)
+            return int(report.run_metrics(target.run(w))["tokens"])
+
+        out[key] = perfsplit.measure(
+            target.serving_pid, seconds, once, lambda pid: cpu_seconds(pid, False), log_dir, key
+        )
+    return out
+
+
 def _autogroup() -> str:
     try:
         with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
@@ -772,6 +903,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     idle: dict[str, float] = {}
     prof: dict[str, Any] | None = None
+    split: dict[str, Any] | None = None
     need_raw = any(w.kind == "raw" for w in ws)
     need_chat = any(w.kind == "chat" for w in ws)
     t_start = time.perf_counter()
@@ -806,6 +938,42 @@ def main(argv: list[str] | None = None) -> int:
                 _say("Bg: the Go client on worker B")
                 targets["Bg"] = GoClientTarget(targets["B"], program, log("client-Bg"))  # type: ignore[arg-type]
                 targets["Bg"].client.call({"op": "ping"}, timeout=60)  # type: ignore[union-attr]
+        if args.with_grpcio and need_raw and args.transport != "grpcio":
+            _say("starting worker Bi (python -m backend, grpcio transport)")
+            targets["Bi"] = WorkerTarget(
+                "Bi", log("worker-Bi"), log("client-Bi"), args.gc_probe, transport="grpcio"
+            )
+            targets["Bi"].client.call({"op": "ping"}, timeout=600)  # type: ignore[union-attr]
+            _say("Bi: LoadModel (tool_parser:none, reasoning_parser:none)")
+            targets["Bi"].load(model_options(model_dir, max_model_len))  # type: ignore[attr-defined]
+        if args.worker_tree is not None and need_raw:
+            tree = args.worker_tree.resolve()
+            _say(f"starting worker B' (python -m backend from {tree})")
+            targets["B'"] = WorkerTarget(
+                "B'", log("worker-Bprime"), log("client-Bprime"), False, tree=tree
+            )
+            targets["B'"].client.call({"op": "ping"}, timeout=600)  # type: ignore[union-attr]
+            _say("B': LoadModel (tool_parser:none, reasoning_parser:none)")
+            targets["B'"].load(model_options(model_dir, max_model_len))  # type: ignore[attr-defined]
+        for cut in args.worker_cut if need_raw else ():
+            key = f"B:{cut}"
+            _say(f"starting worker {key} (python -m bench.cuts --cut {cut})")
+            targets[key] = WorkerTarget(
+                key, log(f"worker-{key}"), log(f"client-{key}"), False, cut=cut
+            )
+            targets[key].client.call({"op": "ping"}, timeout=600)  # type: ignore[union-attr]
+            _say(f"{key}: LoadModel (tool_parser:none, reasoning_parser:none)")
+            targets[key].load(model_options(model_dir, max_model_len))  # type: ignore[attr-defined]
+        if args.with_vllm_grpc and need_raw:
+            why = vllm_grpc.missing()
+            if why is not None:
+                _say(f"G (vLLM's own gRPC server) skipped: {why}")
+            else:
+                _say("G: starting vLLM's own gRPC server (smg-grpc-servicer)")
+                targets["G"] = VllmGrpcTarget(
+                    model_dir, max_model_len, log("vllm-grpc-G"), log("client-G")
+                )
+                targets["G"].client.call({"op": "ping"}, timeout=600)  # type: ignore[union-attr]
         if args.with_openai and need_raw:
             _say("C: starting vLLM's OpenAI server")
             targets["C"] = OpenAITarget(model_dir, max_model_len, log("openai-C"), log("client-C"))
@@ -827,7 +995,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             _say(f"idle CPU % of each serving tree (all idle): {idle}")
 
-        order = ["A", "B", "Bg", "Bp", "C"]
+        order = ["A", "B", "B'", *(f"B:{c}" for c in args.worker_cut), "Bi", "G", "Bg", "Bp", "C"]
         for rep in range(args.repeats):
             for w in ws:
                 for key in order:
@@ -870,6 +1038,8 @@ def main(argv: list[str] | None = None) -> int:
             prof = _profile(
                 worker, pw, args.profile, log_dir, args.profile_native, args.profile_engine
             )
+        if args.perf > 0:
+            split = _perf_split(targets, all_w, args.perf_workload, args.perf, log_dir)
     finally:
         # Nothing is measured any more: stop all targets at once.
         _say(f"stopping {', '.join(targets)}")
@@ -927,6 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
         "goals": goal_rows,
         "a_spread_tok_s": a_spread,
         "profile": prof,
+        "perf_split": split,
         "floor": floor,
         "floors": floors,
         "runs": runs,
@@ -937,10 +1108,12 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(summary, comps, goal_rows))
     print(report.noise_line(a_spread))
     print()
+    print(report.side_by_side(comps))
+    print()
     print(
         "engine load: "
         + ", ".join(f"{k} {v:.2f}s" for k, v in loads.items() if v is not None)
-        + "  (A: AsyncLLM.from_engine_args; B/Bp: LoadModel RPC; C: process start to healthy)"
+        + "  (A: AsyncLLM.from_engine_args; B/Bp/Bi: LoadModel RPC; C, G: process start to healthy)"
     )
     for key, t in targets.items():
         if "engine_seconds" in t.load_info:
@@ -965,5 +1138,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_profile(prof))
     elif prof:
         print(f"profile: {prof.get('error')}")
+    if split:
+        print()
+        print(perfsplit.format_split(split))
     print(f"\nresults: {out}")
     return 0
