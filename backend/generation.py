@@ -95,6 +95,8 @@ async def run(
 
     `count(prompt_tokens, completion_tokens)` is called once, cut or not."""
     state, chat = gen.state, gen.chat
+    # No parser, no logprobs: each delta's text goes out as it is.
+    plain_send = send if state.plain else None
     started = time.monotonic()
     first_at = 0.0
     prompt_tokens = completion_tokens = 0
@@ -120,6 +122,10 @@ async def run(
                     # no last piece and no usage.
                     final = engine.ensure_complete(out)
                     tail = state.feed(completion.text, ids, completion.logprobs, finished=True)
+                    continue
+                if plain_send is not None:
+                    if completion.text:
+                        await plain_send(replies.text_reply(completion.text, chat=chat))
                     continue
                 piece = state.feed(completion.text, ids, completion.logprobs)
                 if piece and send is not None:

@@ -85,6 +85,15 @@ def chat_delta(piece: ChatPiece) -> pb.ChatDelta:
     )
 
 
+def text_reply(text: str, *, chat: bool) -> pb.Reply:
+    """A streamed chunk that is only content: what `reply` builds from
+    ChatPiece(content=text), without the piece."""
+    out = pb.Reply(message=text.encode("utf-8", "surrogatepass"))
+    if chat:
+        out.chat_deltas.add(content=text)
+    return out
+
+
 def reply(
     piece: ChatPiece | None,
     *,

@@ -413,6 +413,12 @@ class OutputState:
             "reasoning_parser_kwargs": {"chat_template_kwargs": dict(template_kwargs)},
         }
 
+    @property
+    def plain(self) -> bool:
+        """No parser and no logprobs: every delta's text is content as it
+        comes, so a stream can skip `feed` and the ChatPiece (generation.run)."""
+        return self._whole_parser is None and self.logprobs is None
+
     def chunk_logprobs(self) -> bytes:
         return self.logprobs.take_chunk() if self.logprobs is not None else b""
 
