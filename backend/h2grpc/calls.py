@@ -166,7 +166,9 @@ class Context:
         if stream.done:
             raise asyncio.CancelledError()
         data = message.SerializeToString()
-        await self._call.conn.sender.send_message(stream, GRPC_PREFIX.pack(0, len(data)) + data)
+        sender = self._call.conn.sender
+        if not sender.send_now(stream, data):
+            await sender.send_message(stream, GRPC_PREFIX.pack(0, len(data)) + data)
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
         raise AbortError(Status(code.value[0]), details)

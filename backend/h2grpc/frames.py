@@ -128,6 +128,21 @@ class FrameReader:
             self.pos = 0
 
 
+# A DATA frame's header and the gRPC length prefix of the one message it
+# carries, packed at once (the frame length is 24 bits: its high byte, then
+# the low 16): `data_message` builds a streamed message with one pack and one
+# concatenation.
+_DATA_MESSAGE = struct.Struct(">BHBBIBI")
+
+
+def data_message(stream_id: int, message: bytes) -> bytes:
+    """One uncompressed gRPC message in one DATA frame (it must fit one frame)."""
+    size = len(message) + 5
+    return (
+        _DATA_MESSAGE.pack(size >> 16, size & 0xFFFF, DATA, 0, stream_id, 0, len(message)) + message
+    )
+
+
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     return (
         len(payload).to_bytes(3, "big")

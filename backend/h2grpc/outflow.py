@@ -25,6 +25,7 @@ from backend.h2grpc.frames import (
     S_MAX_FRAME_SIZE,
     SETTINGS,
     ConnectionLevelError,
+    data_message,
     frame,
 )
 from backend.h2grpc.stream import Stream
@@ -89,6 +90,27 @@ class Sender:
         self.blocked.clear()
         if self.paused is not None and not self.paused.done():
             self.paused.set_result(None)
+
+    def send_now(self, stream: Stream, message: bytes) -> bool:
+        """The common case of a streamed message, without a coroutine: the
+        reply's headers are out, nothing waits for window, the windows take
+        it, it fits one frame and the socket is not full. Queues it as one
+        DATA frame and returns True; False: `send_message` must (it waits)."""
+        size = len(message) + 5
+        if (
+            not stream.headers_sent
+            or stream.pending
+            or size > self.window
+            or size > self.initial_window + stream.send_credit
+            or size > self.max_frame
+            or (self.paused is not None and not self.paused.done())
+        ):
+            return False
+        self.window -= size
+        stream.spend(size)
+        self.flood.earn(1)
+        self.write(data_message(stream.id, message))
+        return True
 
     async def send_message(self, stream: Stream, payload: bytes) -> None:
         """One length-prefixed gRPC message as DATA (headers first if not yet sent),
