@@ -90,12 +90,19 @@ def build_lock(name: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir() -> Path:
+def tiny_model_path() -> Path:
+    """The tiny model's directory, built once across the run's test processes by
+    build_tiny_model's own lock. (A build_lock("tiny-model") around it took the
+    same lock file a second time in the same process: flock locks belong to the
+    open file, so the build waited for itself and a fresh clone's suite hung.)"""
     from tools.tiny_model import build_tiny_model, default_model_dir
 
-    with build_lock("tiny-model"):
-        return build_tiny_model(default_model_dir())
+    return build_tiny_model(default_model_dir())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    return tiny_model_path()
 
 
 def free_port() -> int:
