@@ -17,7 +17,7 @@
 #   5. drive    tests/image/drive.py from the repo venv (repo stubs as the client):
 #               Health, LoadModel (float32, max_model_len 2048, eager, 256 MiB KV cache),
 #               Predict (Tokens=8, IgnoreEOS) -> exactly 8 tokens, Free
-#   6. stop     SIGTERM, then the worker's log tail
+#   6. stop     SIGTERM, then the worker's log tail; an ERROR line or a traceback fails
 # Clean-up (always, also on failure): the worker container, the temp dir, and, unless
 # KEEP_IMAGE=1, the tested image plus Dockerfile.python's untagged intermediate images
 # (labels vllm-backend.stage=builder / =final; other images are not touched). Base
@@ -205,6 +205,11 @@ else
 fi
 log "worker log (last lines):"
 tail -n 8 "$LOG" | sed 's/^/    /'
+# Free and the SIGTERM are normal stops: they log no error and no traceback.
+if grep -nE '(^|[ )])ERROR |Traceback' "$LOG" >&2; then
+  die "the worker logged an error or a traceback (lines above) on a normal Free and stop"
+fi
+log "worker log: no ERROR line and no traceback through Free and the stop"
 step_end
 
 log "timings:"
