@@ -25,6 +25,12 @@ PING_ACK_INTERVAL = 0.05
 MAX_UNANSWERED_PINGS = 100
 # Between the idle GOAWAY and the close, see Liveness._idle_check.
 IDLE_CLOSE_GRACE = 1.0
+# A keepalive check that runs this much later than it was due found the loop
+# stalled (or the process starved): the peer's ACK may be read but not yet
+# handled (libuv runs due timers before it polls the sockets), so the check
+# looks again after the reads instead of closing.
+KEEPALIVE_LATE = 1.0
+KEEPALIVE_RECHECK = 0.1
 
 
 class Host(Protocol):
@@ -65,6 +71,8 @@ class Liveness:
         self.last_activity = time.monotonic()  # the last bytes from the peer
         self.idle_since = time.monotonic()  # when the last stream ended
         self.ping_outstanding = False  # our keepalive PING waits for its ACK
+        self.ping_sent_at = 0.0
+        self.keepalive_due = 0.0  # when the scheduled keepalive check should run
         self.last_ping_ack = -PING_ACK_INTERVAL
         self.ping_payloads: list[bytes] = []  # the peer's PINGs waiting for their ACK
         self.timers: dict[str, asyncio.TimerHandle] = {}
@@ -118,27 +126,43 @@ class Liveness:
 
     # ---- keepalive -------------------------------------------------------------
 
-    def _schedule_keepalive(self) -> None:
+    def _schedule_keepalive(self, delay: float | None = None) -> None:
         keepalive_time = self.timeouts.keepalive_time
         if keepalive_time > 0 and not self.conn.closing:
-            self._later("keepalive", keepalive_time, self._keepalive_check)
+            delay = keepalive_time if delay is None else delay
+            self.keepalive_due = time.monotonic() + delay
+            self._later("keepalive", delay, self._keepalive_check)
 
     def _keepalive_check(self) -> None:
+        """Ping after keepalive_time of silence; close when nothing at all came
+        from the peer for keepalive_timeout after the ping. A check that runs
+        late looks again once the reads waiting meanwhile are handled."""
         conn = self.conn
         if conn.closing:
             return
         server = self.timeouts
-        idle = time.monotonic() - self.last_activity
-        if self.ping_outstanding and idle >= server.keepalive_timeout:
-            log.info("peer %s did not answer a keepalive ping: closing", conn.peer)
-            conn.close()  # connection_lost follows and cancels the calls
+        now = time.monotonic()
+        if now - self.keepalive_due > KEEPALIVE_LATE:
+            self._schedule_keepalive(KEEPALIVE_RECHECK)
             return
-        if idle >= server.keepalive_time and not self.ping_outstanding:
+        if self.ping_outstanding:
+            if self.last_activity > self.ping_sent_at:  # the peer is there
+                self.ping_outstanding = False
+            elif now - self.ping_sent_at >= server.keepalive_timeout:
+                log.info("peer %s did not answer a keepalive ping: closing", conn.peer)
+                conn.close()  # connection_lost follows and cancels the calls
+                return
+            else:
+                self._schedule_keepalive(self.ping_sent_at + server.keepalive_timeout - now)
+                return
+        idle = now - self.last_activity
+        if idle >= server.keepalive_time:
             self.ping_outstanding = True
+            self.ping_sent_at = now
             conn.write(frame(PING, 0, 0, b"keepaliv"))
-            self._later("keepalive", server.keepalive_timeout, self._keepalive_check)
+            self._schedule_keepalive(server.keepalive_timeout)
             return
-        self._schedule_keepalive()
+        self._schedule_keepalive(server.keepalive_time - idle)
 
     # ---- idle ------------------------------------------------------------------
 
