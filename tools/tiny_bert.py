@@ -50,9 +50,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from tools import tiny_model as _tm
@@ -443,37 +441,14 @@ def build_tiny_bert(out_dir: str | os.PathLike[str], *, kind: str, force: bool =
     half-written directory.
     """
     _check_kind(kind)
-    out = Path(out_dir).expanduser().resolve()
-    if not force and _is_complete(out, kind):
-        return out
-    if out.is_dir() and any(out.iterdir()) and not (out / STAMP_FILE).exists():
-        # Never replace (and delete) a directory we did not create.
-        raise FileExistsError(f"{out} exists, is not empty and is not a tiny-bert build")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _tm._build_lock(out):
-        # Another process may have finished the build while we waited.
-        if not force and _is_complete(out, kind):
-            return out
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            _build_into(tmp, kind)
-            os.chmod(tmp, 0o755)  # mkdtemp creates 0700
-            for root, dirs, files in os.walk(tmp):
-                for d in dirs:
-                    os.chmod(Path(root) / d, 0o755)
-                for f in files:
-                    os.chmod(Path(root) / f, 0o644)
-            if out.exists() or out.is_symlink():
-                trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                os.rename(out, trash / "old")
-                os.rename(tmp, out)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return _tm.build_in_place(
+        Path(out_dir),
+        complete=lambda out: _is_complete(out, kind),
+        build=lambda tmp: _build_into(tmp, kind),
+        what="tiny-bert",
+        stamp_file=STAMP_FILE,
+        force=force,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ import random
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = [
@@ -666,31 +666,40 @@ def _build_into(target: Path) -> None:
     _write_json(target / STAMP_FILE, _expected_stamp())
 
 
-def build_tiny_model(out_dir: str | os.PathLike[str], *, force: bool = False) -> Path:
-    """Build the tiny model into ``out_dir`` (if needed) and return its path.
-
-    Idempotent: an existing complete build with a matching stamp is reused
-    unless ``force``.  The model is built in a sibling temp directory and
-    renamed into place, and builders serialise on a lock file, so concurrent
-    processes never observe a half-written directory.
-    """
-    out = Path(out_dir).expanduser().resolve()
-    if not force and _is_complete(out):
+def build_in_place(
+    out_dir: Path,
+    *,
+    complete: Callable[[Path], bool],
+    build: Callable[[Path], None],
+    what: str,
+    stamp_file: str,
+    force: bool = False,
+) -> Path:
+    """Build a test artefact into ``out_dir`` once, safely between processes:
+    reused while ``complete(out)`` holds (unless ``force``); otherwise built
+    by ``build(tmp)`` in a sibling temp directory under a lock file, made
+    world-readable and renamed into place, so no process sees a half-written
+    directory. A non-empty directory without ``stamp_file`` is never replaced."""
+    out = out_dir.expanduser().resolve()
+    if not force and complete(out):
         return out
-    if out.is_dir() and any(out.iterdir()) and not (out / STAMP_FILE).exists():
+    if out.is_dir() and any(out.iterdir()) and not (out / stamp_file).exists():
         # Never replace (and delete) a directory we did not create.
-        raise FileExistsError(f"{out} exists, is not empty and is not a tiny-model build")
+        raise FileExistsError(f"{out} exists, is not empty and is not a {what} build")
     out.parent.mkdir(parents=True, exist_ok=True)
     with _build_lock(out):
         # Another process may have finished the build while we waited.
-        if not force and _is_complete(out):
+        if not force and complete(out):
             return out
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
-            _build_into(tmp)
-            os.chmod(tmp, 0o755)  # mkdtemp creates 0700
-            for f in tmp.iterdir():
-                os.chmod(f, 0o644)
+            build(tmp)
+            os.chmod(tmp, 0o755)  # mkdtemp creates 0700, save_pretrained some 0600
+            for root, dirs, files in os.walk(tmp):
+                for d in dirs:
+                    os.chmod(Path(root) / d, 0o755)
+                for f in files:
+                    os.chmod(Path(root) / f, 0o644)
             if out.exists() or out.is_symlink():
                 trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
                 os.rename(out, trash / "old")
@@ -702,6 +711,24 @@ def build_tiny_model(out_dir: str | os.PathLike[str], *, force: bool = False) ->
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def build_tiny_model(out_dir: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """Build the tiny model into ``out_dir`` (if needed) and return its path.
+
+    Idempotent: an existing complete build with a matching stamp is reused
+    unless ``force``.  The model is built in a sibling temp directory and
+    renamed into place, and builders serialise on a lock file, so concurrent
+    processes never observe a half-written directory.
+    """
+    return build_in_place(
+        Path(out_dir),
+        complete=_is_complete,
+        build=_build_into,
+        what="tiny-model",
+        stamp_file=STAMP_FILE,
+        force=force,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,9 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -389,33 +387,19 @@ def build_tiny_vlm(out_dir: str | os.PathLike[str], kind: str, *, force: bool = 
     """
     if kind not in _BUILDERS:
         raise ValueError(f"unknown tiny VLM kind {kind!r} (one of {', '.join(KINDS)})")
-    out = Path(out_dir).expanduser().resolve()
-    if not force and _is_complete(out, kind):
-        return out
-    if out.is_dir() and any(out.iterdir()) and not (out / STAMP_FILE).exists():
-        raise FileExistsError(f"{out} exists, is not empty and is not a tiny-vlm build")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _tm._build_lock(out):
-        if not force and _is_complete(out, kind):
-            return out
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            _BUILDERS[kind](tmp)
-            _write_json(tmp / STAMP_FILE, _expected_stamp(kind))
-            os.chmod(tmp, 0o755)  # mkdtemp creates 0700, save_pretrained some 0600
-            for f in tmp.iterdir():
-                os.chmod(f, 0o644)
-            if out.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                os.rename(out, trash / "old")
-                os.rename(tmp, out)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    def build(tmp: Path) -> None:
+        _BUILDERS[kind](tmp)
+        _write_json(tmp / STAMP_FILE, _expected_stamp(kind))
+
+    return _tm.build_in_place(
+        Path(out_dir),
+        complete=lambda out: _is_complete(out, kind),
+        build=build,
+        what="tiny-vlm",
+        stamp_file=STAMP_FILE,
+        force=force,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
