@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -128,6 +129,21 @@ SEPARATE_SESSIONS = False
 # front end). A control experiment: on 2 cores the client competes with the
 # engine core for CPU; a niced client yields to it (--client-nice).
 CLIENT_NICE = 0
+
+
+def _wait_until(
+    proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str, timeout: float = 600.0
+) -> None:
+    """Poll `ready` every 0.5 s until it holds; the server exiting first or
+    `timeout` passing is an error naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        if ready():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not ready in time")
 
 
 def _stop_process(proc: subprocess.Popen[bytes], name: str, grace: float = 40.0) -> None:
@@ -487,18 +503,15 @@ class OpenAITarget(Target):
             nice=CLIENT_NICE,
         )
 
-    def _wait_healthy(self, timeout: float = 600.0) -> None:
+    def _wait_healthy(self) -> None:
         import httpx
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM's OpenAI server exited with {self.proc.returncode}")
+        def healthy() -> bool:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.5)
-        raise TimeoutError("vLLM's OpenAI server not healthy in time")
+                return httpx.get(self.url + "/health", timeout=2).status_code == 200
+            return False
+
+        _wait_until(self.proc, healthy, "vLLM's OpenAI server")
 
     @property
     def serving_pid(self) -> int:
@@ -539,15 +552,8 @@ class VllmGrpcTarget(Target):
             env=vllm_grpc.env_with_smg(quiet_child_env()),
         )
 
-    def _wait_serving(self, timeout: float = 600.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM's gRPC server exited with {self.proc.returncode}")
-            if vllm_grpc.serving(self.addr):
-                return
-            time.sleep(0.5)
-        raise TimeoutError("vLLM's gRPC server not SERVING in time")
+    def _wait_serving(self) -> None:
+        _wait_until(self.proc, lambda: vllm_grpc.serving(self.addr), "vLLM's gRPC server")
 
     @property
     def serving_pid(self) -> int:
