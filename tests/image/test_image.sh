@@ -205,7 +205,9 @@ else
 fi
 log "worker log (last lines):"
 tail -n 8 "$LOG" | sed 's/^/    /'
-# Free and the SIGTERM are normal stops: they log no error and no traceback.
+# Free and the SIGTERM are normal stops: they log no error and no traceback
+# (in a log that has the Free's own line, so the check looks at the real one).
+grep -q 'Free: stopped the engine of' "$LOG" || die "the worker log has no line of the Free"
 if grep -nE '(^|[ )])ERROR |Traceback' "$LOG" >&2; then
   die "the worker logged an error or a traceback (lines above) on a normal Free and stop"
 fi
