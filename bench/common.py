@@ -290,6 +290,19 @@ def child_fd_arg(argv: list[str]) -> int:
     return int(argv[i + 1])
 
 
+def aio_channel(addr: str) -> Any:
+    """The bench clients' grpc.aio channel: 64 MiB messages both ways."""
+    import grpc
+
+    return grpc.aio.insecure_channel(
+        addr,
+        options=[
+            ("grpc.max_receive_message_length", 64 * 2**20),
+            ("grpc.max_send_message_length", 64 * 2**20),
+        ],
+    )
+
+
 def run_async(main: Awaitable[Any]) -> Any:
     """Run a bench process's main coroutine on the event loop every bench
     process shares: `BENCH_LOOP` (uvloop by default, as vLLM's own server and

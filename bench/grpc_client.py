@@ -12,8 +12,6 @@ import sys
 import time
 from typing import Any
 
-import grpc
-
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
 from bench.common import (
@@ -22,6 +20,7 @@ from bench.common import (
     CHAT_TOOL,
     Record,
     Workload,
+    aio_channel,
     child_fd_arg,
     prompt_text,
     run_async,
@@ -32,13 +31,7 @@ from tools.forcing import TAGS, gbnf_literal
 
 
 async def amain(fd: int, addr: str) -> None:
-    channel = grpc.aio.insecure_channel(
-        addr,
-        options=[
-            ("grpc.max_receive_message_length", 64 * 2**20),
-            ("grpc.max_send_message_length", 64 * 2**20),
-        ],
-    )
+    channel = aio_channel(addr)
     stub = backend_pb2_grpc.BackendStub(channel)
     state: dict[str, Any] = {}
 

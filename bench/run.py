@@ -274,6 +274,25 @@ class Target:
         raise NotImplementedError
 
 
+class ProcessTarget(Target):
+    """A target served by a process of its own (`self.proc`), stopped with its client."""
+
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def process_name(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def serving_pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.stop()
+        _stop_process(self.proc, self.process_name)
+
+
 class InProcTarget(Target):
     key = "A"
 
@@ -311,7 +330,7 @@ class InProcTarget(Target):
             self.client.stop()
 
 
-class WorkerTarget(Target):
+class WorkerTarget(ProcessTarget):
     kinds: tuple[str, ...] = ("raw", "chat")
 
     def __init__(
@@ -388,8 +407,8 @@ class WorkerTarget(Target):
         raise TimeoutError(f"worker {self.key} not healthy in {timeout}s")
 
     @property
-    def serving_pid(self) -> int:
-        return self.proc.pid
+    def process_name(self) -> str:
+        return f"worker {self.key}"
 
     def gc_snapshot(self) -> dict[str, Any] | None:
         if self.gc_chan is None:
@@ -412,12 +431,10 @@ class WorkerTarget(Target):
         self.load_info = reply
 
     def stop(self) -> None:
-        if self.client is not None:
-            self.client.stop()
         if self.gc_chan is not None:
             with contextlib.suppress(Exception):
                 self.gc_chan.close()
-        _stop_process(self.proc, f"worker {self.key}")
+        super().stop()
 
 
 GO_CLIENT = LOG_ROOT / "goclient"
@@ -467,7 +484,7 @@ class GoClientTarget(Target):
             self.client.stop()
 
 
-class OpenAITarget(Target):
+class OpenAITarget(ProcessTarget):
     key = "C"
 
     def __init__(self, model_dir: str, max_model_len: int, log: IO[bytes], client_log: IO[bytes]):
@@ -513,17 +530,10 @@ class OpenAITarget(Target):
 
         _wait_until(self.proc, healthy, "vLLM's OpenAI server")
 
-    @property
-    def serving_pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.client is not None:
-            self.client.stop()
-        _stop_process(self.proc, "openai server")
+    process_name = "openai server"
 
 
-class VllmGrpcTarget(Target):
+class VllmGrpcTarget(ProcessTarget):
     """vLLM's own gRPC server (bench/vllm_grpc.py: smg's servicer, ids out, no detokenizing)."""
 
     key = "G"
@@ -555,14 +565,7 @@ class VllmGrpcTarget(Target):
     def _wait_serving(self) -> None:
         _wait_until(self.proc, lambda: vllm_grpc.serving(self.addr), "vLLM's gRPC server")
 
-    @property
-    def serving_pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.client is not None:
-            self.client.stop()
-        _stop_process(self.proc, "vllm grpc server")
+    process_name = "vllm grpc server"
 
 
 # ---- the run ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from bench.common import (
     ROOT,
     Record,
     Workload,
+    aio_channel,
     child_fd_arg,
     prompt_text,
     run_async,
@@ -101,19 +102,12 @@ def serving(addr: str, timeout: float = 2.0) -> bool:
 
 
 async def amain(fd: int, addr: str) -> None:
-    import grpc
 
     # On PYTHONPATH only at run time (smg_dir()): not in the venv.
     from smg_grpc_proto import vllm_engine_pb2 as vpb  # type: ignore[import-not-found]
     from smg_grpc_proto import vllm_engine_pb2_grpc as vgrpc  # type: ignore[import-not-found]
 
-    channel = grpc.aio.insecure_channel(
-        addr,
-        options=[
-            ("grpc.max_receive_message_length", 64 * 2**20),
-            ("grpc.max_send_message_length", 64 * 2**20),
-        ],
-    )
+    channel = aio_channel(addr)
     stub = vgrpc.VllmEngineStub(channel)
     ids = itertools.count()
 
