@@ -347,3 +347,29 @@ class Peer:
         if self.eof:
             out.append("closed")
         return " ".join(out) or "none"
+
+
+def wait_all_while_talking(peers, until, silence: float, limit: float = 300) -> list[bool]:
+    """`Peer.wait_while_talking` for many peers at once: each peer's wait is the
+    same (until `until(peer)`, its EOF, `silence` seconds without a frame from
+    it, or `limit`), but the waits run side by side, so 40 quiet peers cost one
+    silence, not 40 in a row. Returns each peer's outcome, in order."""
+    start = time.monotonic()
+    marks = [(peer.frames_in, start) for peer in peers]
+    done: list[bool | None] = [None] * len(peers)
+    while None in done:
+        now = time.monotonic()
+        for i, peer in enumerate(peers):
+            if done[i] is not None:
+                continue
+            with peer.cv:
+                if until(peer):
+                    done[i] = True
+                    continue
+                if peer.frames_in != marks[i][0]:  # it talked: its silence starts again
+                    marks[i] = (peer.frames_in, now)
+                if peer.eof or now - marks[i][1] >= silence or now - start >= limit:
+                    done[i] = False
+        if None in done:
+            time.sleep(0.05)
+    return [bool(d) for d in done]

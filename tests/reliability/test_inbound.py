@@ -491,8 +491,7 @@ def held_headers(addr: str, deadline: float) -> str:
         for sid in range(1, 100, 2):
             frames += p.frame(p.HEADERS, p.END_HEADERS, sid, peer.encoder.encode(fields))
         peer.send(bytes(frames), deadline)
-    for peer in wide + deep:
-        peer.wait_while_talking(lambda peer=peer: peer.goaway or peer.eof, silence=1, limit=5)
+    p.wait_all_while_talking(wide + deep, lambda peer: peer.goaway or peer.eof, silence=1, limit=5)
 
     def ended(peer: p.Peer) -> int:
         with peer.cv:

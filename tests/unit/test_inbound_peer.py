@@ -126,3 +126,43 @@ def test_a_failed_write_does_not_hide_the_goaway_before_the_reset(
     assert peer.goaway == (p.FLOW_CONTROL_ERROR, 0), peer.reaction()
     assert peer.wait(lambda: peer.eof, 10)  # then the reset, seen by the reader
     peer.close()
+
+
+@pytest.fixture
+def quiet_server() -> Iterator[str]:
+    """Accepts any number of connections and never sends a byte."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+def test_many_waits_run_side_by_side(server, quiet_server, slow_parsing) -> None:
+    """Four silent peers and one whose answer comes after a long flood: each gets
+    the outcome a wait of its own gives, and the silences overlap (held_headers
+    waits on 42 connections: one after the other that was 42 s)."""
+    addr, _ = server
+    started = time.monotonic()
+    talking = p.Peer(addr)
+    silent = [p.Peer(quiet_server) for _ in range(4)]
+    outcome = p.wait_all_while_talking(
+        [talking, *silent], lambda peer: peer.goaway is not None, silence=1.0
+    )
+    took = time.monotonic() - started
+    assert outcome == [True] + [False] * 4
+    assert talking.frames_in >= ACKS
+    assert took >= ACKS * SLOW_PER_FRAME  # the flood outlasted the silence many times
+    assert took < ACKS * SLOW_PER_FRAME + 2.0  # in a row, the four silences add 4 s
+    for peer in [*silent, talking]:
+        peer.close()
