@@ -42,9 +42,10 @@ hands out a worker in exactly that state, starting or loading only what differs:
 **Two test processes.** `make test` runs two pytest processes side by side
 (pytest-xdist `-n 2 --dist loadfile`: a module stays in one process, each process
 has its own pool), because an engine start is one core's work and this machine has
-two. A module whose verdicts include wall-clock bounds is listed in `ALONE` and runs
-with the other process waiting. `PYTEST_SHUFFLE_SEED=N` runs modules and tests in a
-seeded random order (the isolation check); `POOL_DEBUG=1` says why a test waited.
+two. A module whose verdicts include wall-clock bounds is listed in `ALONE`: its
+tests' calls run with the other process waiting (their fixtures do not).
+`PYTEST_SHUFFLE_SEED=N` runs modules and tests in a seeded random order (the
+isolation check); `POOL_DEBUG=1` says why a test waited.
 
 `make test` prints, after the slowest tests, the engine starts and the wall time of
 each module (`engine starts per module`): keep an eye on what a new test costs.
@@ -286,6 +287,33 @@ class Worker:
         self._log.close()
 
 
+# Workers being stopped in the background: the session waits for them at its end.
+_RETIRING: list[threading.Thread] = []
+
+
+def retire(worker: Worker) -> None:
+    """Stop a worker in the background, then SIGKILL whatever is left in its
+    process group: for a fixture's teardown, where nothing is checked after the
+    stop. A stop takes seconds (vLLM's engine processes exit one after the
+    other, ~5 s here) that the next test need not wait for."""
+
+    def stop() -> None:
+        try:
+            worker.stop()
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(worker.proc.pid, 9)
+
+    t = threading.Thread(target=stop, daemon=True)
+    t.start()
+    _RETIRING.append(t)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for t in _RETIRING:
+        t.join(120)
+
+
 KV_CACHE_OPTION = f"--kv-cache-memory-bytes:{256 * 2**20}"
 
 
@@ -315,7 +343,6 @@ class Workers:
         self.size = size
         self._live: list[tuple[tuple, Worker]] = []  # least recently used first
         self._leases: dict[int, object] = {}  # id(worker) → the state it is held in
-        self._stopping: list[threading.Thread] = []
 
     @contextlib.contextmanager
     def use(
@@ -437,17 +464,12 @@ class Workers:
         return w
 
     def _retire(self, key: tuple, w: Worker) -> None:
-        """Stop a worker in the background: its engine takes seconds to stop."""
         self._live.remove((key, w))
-        t = threading.Thread(target=w.stop, daemon=True)
-        t.start()
-        self._stopping.append(t)
+        retire(w)
 
     def close(self) -> None:
         for key, w in list(self._live):
             self._retire(key, w)
-        for t in self._stopping:
-            t.join(60)
 
 
 def _pb() -> Any:
@@ -502,9 +524,10 @@ pytest_plugins = ["tests.suite_timing"]
 # ---- running beside another test process (pytest-xdist) -------------------------------
 
 # Modules whose verdicts include wall-clock latency bounds (test_inbound: probe
-# p50 <= 100 ms, Health within 2 s during an attack): under pytest-xdist they run
-# alone, the other test process waiting, so the machine is as quiet as the suite
-# can make it. Everything else runs beside the other process (its verdicts hold
+# p50 <= 100 ms, Health within 2 s during an attack): under pytest-xdist their
+# tests' calls run alone, the other test process waiting, so the machine is as
+# quiet as the suite can make it (their fixtures' setup and teardown do not).
+# Everything else runs beside the other process (its verdicts hold
 # with the other core busy: issue 16).
 ALONE = ("tests/reliability/test_inbound.py",)
 
@@ -515,9 +538,27 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  #
     if not run:
         yield
         return
-    alone = _module_of(item) in ALONE
-    more = nextitem is not None and _module_of(nextitem) in ALONE
-    with _run_lock(run, exclusive=alone, keep_others_out=more):
+    if _module_of(item) in ALONE:
+        # Only the test's call runs alone (pytest_runtest_call below): its
+        # fixtures (starting the workers it attacks) run beside the other
+        # process, which would otherwise wait ~10 s per worker start.
+        item.stash[_NEXT_ALONE] = nextitem is not None and _module_of(nextitem) in ALONE
+        yield
+        return
+    with _run_lock(run, exclusive=False, keep_others_out=False):
+        yield
+
+
+_NEXT_ALONE = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):  # type: ignore[no-untyped-def]
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run or _module_of(item) not in ALONE:
+        yield
+        return
+    with _run_lock(run, exclusive=True, keep_others_out=item.stash[_NEXT_ALONE]):
         yield
 
 

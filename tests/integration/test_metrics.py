@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backend.gen import backend_pb2 as pb
 from tests import engine_control
-from tests.conftest import Worker, free_port, tiny_load_options
+from tests.conftest import Worker, free_port, retire, tiny_load_options
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,7 @@ def metered() -> Iterator[tuple[Worker, str]]:
         args=["--metrics-addr", str(port), "--max-concurrent-requests", "1", "--debug-requests"]
     )
     yield w, f"http://127.0.0.1:{port}/metrics"
-    w.stop()
+    retire(w)
 
 
 def scrape(url: str) -> Page:

@@ -15,7 +15,7 @@ import pytest
 
 from backend import gateway_settings as gs
 from backend.gen import backend_pb2 as pb
-from tests.conftest import Worker, tiny_load_options
+from tests.conftest import Worker, retire, tiny_load_options
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +75,7 @@ def _load(worker: Worker, model_dir, **fields) -> Loaded:
 def worker():
     w = Worker(env={gs.RESERVED_ENV: str(RESERVED)})
     yield w
-    w.stop()
+    retire(w)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import Worker, tiny_load_options
+from tests.conftest import Worker, retire, tiny_load_options
 
 PLUGIN = """
 from vllm.tool_parsers import ToolParserManager
@@ -29,7 +29,7 @@ class PluginParser(Hermes2ProToolParser):
 def fresh():
     w = Worker()
     yield w
-    w.stop()
+    retire(w)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from backend.gen import backend_pb2 as pb
-from tests.conftest import Worker, tiny_load_options
+from tests.conftest import Worker, retire, tiny_load_options
 from tests.media_samples import (
     b64,
     garbage_idat_png,
@@ -75,7 +75,7 @@ def vlm() -> Iterator[Vlm]:
         assert result.success, f"{result.message}\n{worker.log_tail()}"
         yield Vlm(worker, model_dir)
     finally:
-        worker.stop()
+        retire(worker)
 
 
 @pytest.fixture(scope="module")

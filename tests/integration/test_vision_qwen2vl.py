@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from backend.gen import backend_pb2 as pb
-from tests.conftest import Worker, tiny_load_options
+from tests.conftest import Worker, retire, tiny_load_options
 from tests.media_samples import b64, mp4, picture
 
 
@@ -68,7 +68,7 @@ def qwen2vl(qwen2vl_dir: Path) -> Iterator[Worker]:
         assert result.success, f"{result.message}\n{worker.log_tail()}"
         yield worker
     finally:
-        worker.stop()
+        retire(worker)
 
 
 def chat(**fields) -> pb.PredictOptions:

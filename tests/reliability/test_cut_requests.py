@@ -25,7 +25,7 @@ import pytest
 
 from backend.gen import backend_pb2 as pb
 from tests import engine_control
-from tests.conftest import Worker
+from tests.conftest import Worker, retire
 from tests.reliability.helpers import describe, greedy, load, state, state_name, survivors
 
 pytestmark = [pytest.mark.reliability]
@@ -174,4 +174,4 @@ def test_drain_lets_short_requests_finish_and_cuts_the_rest(tiny_model_dir):
         freeing.join(300)
         assert outcome and outcome[0].success
     finally:
-        w.stop()
+        retire(w)

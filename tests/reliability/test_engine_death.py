@@ -17,7 +17,7 @@ import pytest
 
 from backend.gen import backend_pb2 as pb
 from tests import engine_control
-from tests.conftest import Worker, tiny_load_options
+from tests.conftest import Worker, retire, tiny_load_options
 from tests.h2client import H2Client
 from tests.reliability.helpers import (
     describe,
@@ -27,7 +27,6 @@ from tests.reliability.helpers import (
     rpc_code,
     state,
     state_name,
-    stop_worker,
     survivors,
 )
 
@@ -256,4 +255,4 @@ def test_exit_on_engine_death_exits_the_idle_worker_and_leaves_no_engine(tiny_mo
         assert not left, f"engine processes left behind: {describe(left)}"
         assert "exit_on_engine_death" in worker.log_tail(200)
     finally:
-        stop_worker(worker)
+        retire(worker)

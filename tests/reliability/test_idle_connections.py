@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from backend.gen import backend_pb2 as pb
-from tests.conftest import Worker
+from tests.conftest import Worker, retire
 from tests.reliability import inbound_peer as p
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(120)]
@@ -41,7 +41,7 @@ def worker(transport: str) -> Iterator[Worker]:
     try:
         yield w
     finally:
-        w.stop()
+        retire(w)
 
 
 def test_a_connection_without_calls_gets_goaway_and_is_closed(

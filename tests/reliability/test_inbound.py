@@ -49,7 +49,7 @@ from functools import cache
 import psutil
 import pytest
 
-from tests.conftest import Worker
+from tests.conftest import Worker, retire
 from tests.reliability import inbound_peer as p
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(300)]
@@ -176,7 +176,7 @@ def box(request) -> Iterator[Box]:
     holder = [current]
     yield holder  # type: ignore[misc]
     holder[0].prober.close()
-    holder[0].worker.stop()
+    retire(holder[0].worker)
 
 
 # ---- attacks ---------------------------------------------------------------------

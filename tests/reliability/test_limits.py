@@ -20,9 +20,9 @@ import grpc
 import pytest
 
 from backend.gen import backend_pb2 as pb
-from tests.conftest import Worker
+from tests.conftest import Worker, retire
 from tests.h2client import H2Client
-from tests.reliability.helpers import greedy, load, rpc_code, state, stop_worker, wait_for
+from tests.reliability.helpers import greedy, load, rpc_code, state, wait_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -40,7 +40,7 @@ def capped(tiny_model_dir):
         load(worker, tiny_model_dir)
         yield worker
     finally:
-        stop_worker(worker)
+        retire(worker)
 
 
 def _generated(stub) -> int:

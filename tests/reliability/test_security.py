@@ -17,8 +17,8 @@ import pytest
 from backend.config import parse_config
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
-from tests.conftest import Worker, tiny_load_options
-from tests.reliability.helpers import greedy, log_text, stop_worker
+from tests.conftest import Worker, retire, tiny_load_options
+from tests.reliability.helpers import greedy, log_text
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -38,7 +38,7 @@ def worker():
     try:
         yield w
     finally:
-        stop_worker(w)
+        retire(w)
 
 
 @pytest.fixture(scope="module")

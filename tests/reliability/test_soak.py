@@ -20,10 +20,10 @@ import pytest
 
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
-from tests.conftest import Worker
+from tests.conftest import Worker, retire
 from tests.integration.chat_helpers import WEATHER_TOOL, collect, gbnf_literal, tag_bias
 from tests.integration.conftest import CHAT_OPTIONS
-from tests.reliability.helpers import load, role_uss, state, state_name, stop_worker, wait_for
+from tests.reliability.helpers import load, role_uss, state, state_name, wait_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -268,7 +268,7 @@ def soak(tiny_model_dir):
     finally:
         for c in channels:
             c.close()
-        stop_worker(worker)
+        retire(worker)
 
 
 def test_every_request_was_served_or_cancelled(soak):
