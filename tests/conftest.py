@@ -593,13 +593,20 @@ def _run_lock(run: str, *, exclusive: bool, keep_others_out: bool) -> Iterator[N
 # ---- isolation check: a seeded shuffle ------------------------------------------------
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by mark
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """PYTEST_SHUFFLE_SEED=N: run the modules in a random order and each module's
+    """A module's `LONG_CELLS` (test id → reason) marks single parametrized
+    cells `long` (make test-all only).
+
+    PYTEST_SHUFFLE_SEED=N: run the modules in a random order and each module's
     tests in a random order, to show no test passes only because an earlier one
     left a pooled worker in a convenient state. A test whose docstring says it
     "Runs last" / "Runs after" (it consumes its module's shared state by design:
     test_engine_death's reload, test_hostile_input's after-the-table check)
     stays at its module's end."""
+    for item in items:
+        if item.name in getattr(getattr(item, "module", None), "LONG_CELLS", {}):
+            item.add_marker(pytest.mark.long)
     seed = os.environ.get("PYTEST_SHUFFLE_SEED")
     if not seed:
         return

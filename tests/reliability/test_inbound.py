@@ -769,6 +769,13 @@ XFAIL_SLOW: dict[tuple[str, str], str] = {
     "unfinished requests (measured: worst Health probe 1.4 s, +36 MiB RSS)",
 }
 
+# Cells only make test-all runs (tests/conftest.py marks them `long`), with why.
+LONG_CELLS = {
+    "test_inbound_attack[grpcio-gzip_bomb_flood]": "a non-strict xfail (C-core's known "
+    "failure, XFAIL_SLOW above) that cannot change make test's verdict, and 26-31 s of it "
+    "with the other test process waiting; h2's cell, the default transport's, stays",
+}
+
 
 def _health_after(worker: Worker) -> float:
     import grpc

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.timeout(180)
 
-ALONE_MODULE = '''
+ALONE_MODULE = """
 import json, os, time
 from pathlib import Path
 
@@ -54,9 +54,9 @@ def test_alone(box, n):
     start = time.monotonic()
     time.sleep(0.3)
     record("alone", start)
-'''
+"""
 
-OTHER_MODULE = '''
+OTHER_MODULE = """
 import json, os, time
 from pathlib import Path
 
@@ -71,7 +71,7 @@ def test_other(n):
     time.sleep(0.1)
     with LOG.open("a") as f:
         f.write(json.dumps(["other", start, time.monotonic()]) + "\\n")
-'''
+"""
 
 
 def test_alone_calls_run_alone_and_their_setup_does_not(tmp_path: Path) -> None:
