@@ -4,9 +4,10 @@ the suite's own conftest, a module named like test_inbound and another one.
 - No test of the other module runs while an ALONE test's call runs (its latency
   verdicts need the machine as quiet as the suite can make it).
 - An ALONE module's fixture setup runs beside the other process: its fixture
-  waits until the other module has run two tests meanwhile. Before the rule
-  covered only the call, setup ran under the exclusive lock and nothing else
-  ran (the fixture's wait times out and the test below fails).
+  waits until the other module has run two more tests (whose first test waits
+  for that setup to begin, so the order of the two processes' starts does not
+  matter). Before the rule covered only the call, setup ran under the exclusive
+  lock and nothing else ran (the fixture's wait times out, the test fails).
 """
 
 from __future__ import annotations
@@ -40,13 +41,18 @@ def record(kind, start):
 @pytest.fixture(scope="module")
 def box():
     start = time.monotonic()
-    while time.monotonic() - start < 20:  # the other module runs meanwhile
-        others = [line for line in LOG.read_text().splitlines() if '"other"' in line]
-        if len(others) >= 2:
+    record("setup-start", start)
+    before = len(others())
+    while time.monotonic() - start < 30:  # two tests of the other module run meanwhile
+        if len(others()) >= before + 2:
             break
         time.sleep(0.05)
     record("setup", start)
     yield
+
+
+def others():
+    return [line for line in LOG.read_text().splitlines() if '"other"' in line]
 
 
 @pytest.mark.parametrize("n", range(3))
@@ -67,6 +73,10 @@ LOG = Path(os.environ["ALONE_LOG"])
 
 @pytest.mark.parametrize("n", range(40))
 def test_other(n):
+    if n == 0:  # the module must not end before the ALONE module's setup begins
+        deadline = time.monotonic() + 30
+        while '"setup-start"' not in LOG.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
     start = time.monotonic()
     time.sleep(0.1)
     with LOG.open("a") as f:
