@@ -170,13 +170,29 @@ def _start(transport: str) -> Box:
     return Box(transport, worker, Prober(worker.addr))
 
 
+@pytest.fixture(scope="module")
+def boxes(request) -> Iterator[dict[str, list[Box]]]:
+    """A worker (and prober) for each transport the selected tests attack, all
+    started before the first test: the tests' calls run alone (tests/conftest.py
+    ALONE), and starting the second transport's worker between two of them kept
+    the other test process waiting ~9 s. A test replaces its box's worker if an
+    attack killed it."""
+    params = [
+        getattr(getattr(item, "callspec", None), "params", {})
+        for item in request.session.items
+        if item.module is request.module
+    ]
+    wanted = {given["box"] for given in params if "box" in given}
+    started = {t: [_start(t)] for t in TRANSPORTS if t in wanted}
+    yield started
+    for holder in started.values():
+        holder[0].prober.close()
+        retire(holder[0].worker)
+
+
 @pytest.fixture(scope="module", params=TRANSPORTS)
-def box(request) -> Iterator[Box]:
-    current = _start(request.param)
-    holder = [current]
-    yield holder  # type: ignore[misc]
-    holder[0].prober.close()
-    retire(holder[0].worker)
+def box(request, boxes) -> list[Box]:
+    return boxes[request.param]
 
 
 # ---- attacks ---------------------------------------------------------------------
