@@ -295,14 +295,20 @@ def retire(worker: Worker) -> None:
     """Stop a worker in the background, then SIGKILL whatever is left in its
     process group: for a fixture's teardown, where nothing is checked after the
     stop. A stop takes seconds (vLLM's engine processes exit one after the
-    other, ~5 s here) that the next test need not wait for."""
+    other, ~5 s here) that the next test need not wait for. Under pytest-xdist
+    the stop holds the run's lock shared, as a test does, so it never runs
+    during an ALONE test's call (a CI run had a latency bound missed by 10 ms
+    while the other process stopped workers in the background)."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
 
     def stop() -> None:
-        try:
-            worker.stop()
-        finally:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(worker.proc.pid, 9)
+        lock = _run_lock(run, exclusive=False, keep_others_out=False) if run else None
+        with lock or contextlib.nullcontext():
+            try:
+                worker.stop()
+            finally:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(worker.proc.pid, 9)
 
     t = threading.Thread(target=stop, daemon=True)
     t.start()
@@ -310,8 +316,8 @@ def retire(worker: Worker) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    for t in _RETIRING:
-        t.join(120)
+    for t in _RETIRING:  # a stop may wait for the other process's ALONE tests
+        t.join(600)
 
 
 KV_CACHE_OPTION = f"--kv-cache-memory-bytes:{256 * 2**20}"

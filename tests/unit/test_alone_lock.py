@@ -2,7 +2,8 @@
 the suite's own conftest, a module named like test_inbound and another one.
 
 - No test of the other module runs while an ALONE test's call runs (its latency
-  verdicts need the machine as quiet as the suite can make it).
+  verdicts need the machine as quiet as the suite can make it), nor a worker
+  stop that module's fixture left running in the background (conftest.retire).
 - An ALONE module's fixture setup runs beside the other process: its fixture
   waits until the other module has run two more tests (whose first test waits
   for that setup to begin, so the order of the two processes' starts does not
@@ -63,12 +64,27 @@ def test_alone(box, n):
 """
 
 OTHER_MODULE = """
-import json, os, time
+import json, os, subprocess, time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import retire
+
 LOG = Path(os.environ["ALONE_LOG"])
+
+
+class StoppingWorker:
+    \"\"\"What retire() stops: 3 s of stopping, like an engine's.\"\"\"
+
+    def __init__(self):
+        self.proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+
+    def stop(self):
+        start = time.monotonic()
+        time.sleep(3)
+        with LOG.open("a") as f:
+            f.write(json.dumps(["stop", start, time.monotonic()]) + "\\n")
 
 
 @pytest.mark.parametrize("n", range(40))
@@ -77,6 +93,8 @@ def test_other(n):
         deadline = time.monotonic() + 30
         while '"setup-start"' not in LOG.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
+    if n == 1:  # stopped in the background while the ALONE module wants its first call
+        retire(StoppingWorker())
     start = time.monotonic()
     time.sleep(0.1)
     with LOG.open("a") as f:
@@ -109,7 +127,9 @@ def test_alone_calls_run_alone_and_their_setup_does_not(tmp_path: Path) -> None:
     other = [(s, e) for kind, s, e in rows if kind == "other"]
     (setup,) = [(s, e) for kind, s, e in rows if kind == "setup"]
     assert len(alone) == 3 and len(other) == 40, rows
-    overlaps = [(a, o) for a in alone for o in other if o[0] < a[1] and a[0] < o[1]]
-    assert not overlaps, f"other tests ran during an ALONE call: {overlaps}"
+    stops = [(s, e) for kind, s, e in rows if kind == "stop"]
+    assert len(stops) == 1, rows
+    overlaps = [(a, o) for a in alone for o in other + stops if o[0] < a[1] and a[0] < o[1]]
+    assert not overlaps, f"other tests or a background stop ran during an ALONE call: {overlaps}"
     beside = [o for o in other if setup[0] <= o[0] and o[1] <= setup[1]]
     assert len(beside) >= 2, f"the ALONE fixture's setup ran alone: {setup}, {other}"
