@@ -291,24 +291,32 @@ class Worker:
 _RETIRING: list[threading.Thread] = []
 
 
+def kill_group(pid: int) -> None:
+    """Cleanup: SIGKILL the process group we created for a worker (its pid)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, 9)
+
+
+def stop_worker(worker: Worker) -> None:
+    """Worker.stop(), then SIGKILL whatever is left in its process group."""
+    try:
+        worker.stop()
+    finally:
+        kill_group(worker.proc.pid)
+
+
 def retire(worker: Worker) -> None:
-    """Stop a worker in the background, then SIGKILL whatever is left in its
-    process group: for a fixture's teardown, where nothing is checked after the
-    stop. A stop takes seconds (vLLM's engine processes exit one after the
-    other, ~5 s here) that the next test need not wait for. Under pytest-xdist
-    the stop holds the run's lock shared, as a test does, so it never runs
-    during an ALONE test's call (a CI run had a latency bound missed by 10 ms
-    while the other process stopped workers in the background)."""
+    """`stop_worker` in the background: for a fixture's teardown, where nothing
+    is checked after the stop. A stop takes seconds (vLLM's engine processes
+    exit one after the other, ~5 s here) that the next test need not wait for.
+    Under pytest-xdist the stop holds the run's lock shared, as a test does, so
+    it never runs during an ALONE test's call."""
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
 
     def stop() -> None:
         lock = _run_lock(run, exclusive=False, keep_others_out=False) if run else None
         with lock or contextlib.nullcontext():
-            try:
-                worker.stop()
-            finally:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(worker.proc.pid, 9)
+            stop_worker(worker)
 
     t = threading.Thread(target=stop, daemon=True)
     t.start()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -134,12 +133,6 @@ def tree_pids(pid: int) -> list[int]:
     return [pid, *(p.pid for p in descendants(pid))]
 
 
-def kill_group(pid: int) -> None:
-    """Cleanup: SIGKILL the process group we created for a worker (its pid)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
 def load(worker: Worker, model_dir: Path, *options: str, **fields) -> pb.Result:
     result = worker.stub.LoadModel(tiny_load_options(model_dir, *options, **fields), timeout=600)
     assert result.success, f"{result.message}\n{worker.log_tail()}"
@@ -173,11 +166,3 @@ def state_name(value: int) -> str:
 def log_text(worker: Worker) -> str:
     worker._log.flush()
     return worker.log_path.read_text(errors="replace")
-
-
-def stop_worker(worker: Worker) -> None:
-    """Worker.stop(), then SIGKILL whatever is left in its process group."""
-    try:
-        worker.stop()
-    finally:
-        kill_group(worker.proc.pid)

@@ -37,8 +37,8 @@ import pytest
 
 from backend.gen import backend_pb2 as pb
 from tests import engine_control
-from tests.conftest import KV_CACHE_OPTION, ROOT, Worker
-from tests.reliability.helpers import describe, greedy, load, log_text, stop_worker, survivors
+from tests.conftest import KV_CACHE_OPTION, ROOT, Worker, stop_worker
+from tests.reliability.helpers import describe, greedy, load, log_text, survivors
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 

@@ -21,11 +21,10 @@ import pytest
 from backend.gen import backend_pb2 as pb
 from backend.gen import backend_pb2_grpc
 from tests import engine_control
-from tests.conftest import ROOT, Worker, free_port, tiny_load_options
+from tests.conftest import ROOT, Worker, free_port, kill_group, tiny_load_options
 from tests.reliability.helpers import (
     describe,
     greedy,
-    kill_group,
     load,
     log_text,
     running,
