@@ -20,7 +20,11 @@ hands out a worker in exactly that state, starting or loading only what differs:
 - A worker's *configuration* is its environment and arguments (`env`, `args`; every
   pooled worker runs with `--debug-requests`, which only adds log lines and which
   tests/engine_control.py needs). Workers of one configuration are reused; the pool
-  keeps at most `POOL_SIZE` processes alive and stops the least recently used one.
+  keeps at most `POOL_SIZE` processes alive. When it needs room it stops the idle
+  worker cheapest to lose: one with no engine (a process is ~8 s of CPU to start
+  again, a loaded engine ~16 s more), then one not of the default configuration,
+  then the least recently used; and it starts a process rather than unload an
+  engine when the worker it would stop for it has none.
 - `load=None` (the default) is a worker with no model loaded (Status UNINITIALIZED,
   or ERROR when its last LoadModel failed; `pristine=True` insists on
   UNINITIALIZED). `load=ModelOptions` is a worker whose engine was started with
@@ -72,9 +76,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Worker processes the pool keeps alive at once (a loaded tiny-model worker is
-# ~1.5 GiB of private memory: worker ~0.4, engine core ~0.4, model runner ~0.7).
-POOL_SIZE = 3
+# ~1.5 GiB of private memory: worker ~0.4, engine core ~0.4, model runner ~0.7;
+# two test processes with four each stay well inside this machine's 24 GiB).
+POOL_SIZE = 4
 POOL_ARGS = ("--debug-requests",)
+DEFAULT_CONFIG: tuple = ((), POOL_ARGS)  # a pooled worker's key: (env items, args)
 
 
 @contextlib.contextmanager
@@ -401,7 +407,7 @@ class Workers:
             # Replace another loaded engine only when no process is free for
             # one more: that engine may be the next test's.
             unloaded = [w for w in spare if w.loaded is None or w.loaded is _UNKNOWN]
-            w = (unloaded or ([] if len(self._live) < self.size else spare) or [None])[0]
+            w = (unloaded or ([] if self._room() else spare) or [None])[0]
             if w is not None and self._settle(w):
                 self._load(w, load)
                 return self._touch(key, w)
@@ -409,7 +415,7 @@ class Workers:
             # Free a loaded engine only when no process is free for one more.
             loaded = [w for w in spare if isinstance(w.loaded, bytes)]
             unloaded = [w for w in spare if w.loaded is None or w.loaded is _UNKNOWN]
-            for w in unloaded + (loaded if len(self._live) >= self.size else []):
+            for w in unloaded + ([] if self._room() else loaded):
                 freed = self._settle(w) and w.stub.Free(_pb().HealthMessage(), timeout=300).success
                 if freed and self._in_state(w, None, pristine):
                     return self._touch(key, w)
@@ -466,12 +472,36 @@ class Workers:
 
     def _start(self, key: tuple) -> Worker:
         env, args = key
-        idle = [(k, w) for k, w in self._live if id(w) not in self._leases]
-        while len(self._live) >= self.size and idle:
-            self._retire(*idle.pop(0))
+        while len(self._live) >= self.size and (victim := self._victim()):
+            self._retire(*victim)
         w = Worker(env=dict(env), args=list(args))
         self._live.append((key, w))
         return w
+
+    def _victim(self) -> tuple[tuple, Worker] | None:
+        """The idle worker cheapest to lose: exited, then no engine, then not of the
+        default configuration, then the least recently used."""
+        idle = [(i, k, w) for i, (k, w) in enumerate(self._live) if id(w) not in self._leases]
+        if not idle:
+            return None
+        _, key, w = min(
+            idle,
+            key=lambda t: (
+                t[2].proc.poll() is None,
+                isinstance(t[2].loaded, bytes),
+                t[1] == DEFAULT_CONFIG,
+                t[0],
+            ),
+        )
+        return key, w
+
+    def _room(self) -> bool:
+        """Room for one more process: below the size, or the worker that would be
+        stopped for it has no engine (cheaper to start again than an engine)."""
+        if len(self._live) < self.size:
+            return True
+        victim = self._victim()
+        return victim is not None and not isinstance(victim[1].loaded, bytes)
 
     def _touch(self, key: tuple, w: Worker) -> Worker:
         self._live = [(k, x) for k, x in self._live if x is not w] + [(key, w)]

@@ -25,7 +25,7 @@ import pytest
 
 from backend.gen import backend_pb2 as pb
 from tests import engine_control
-from tests.conftest import Worker, retire
+from tests.conftest import Worker, retire, tiny_load_options
 from tests.reliability.helpers import describe, greedy, load, state, state_name, survivors
 
 pytestmark = [pytest.mark.reliability]
@@ -116,20 +116,26 @@ def _cut_by(worker: Worker, action: Callable[[], object], reason: str) -> object
 
 @pytest.fixture
 def worker(tiny_loaded):
-    """A pooled worker with the tiny model loaded (default options); the tests
-    Free or replace it, so the pool loads it again for the next user."""
+    """A pooled worker with the tiny model loaded (default options), which the
+    replacing test replaces with `REPLACED` options."""
     return tiny_loaded
 
 
-def test_free_cuts_running_stream_and_unary_with_unavailable(worker, tiny_model_dir):
-    free = lambda: worker.stub.Free(pb.HealthMessage(), timeout=300)  # noqa: E731
-    _cut_by(worker, free, "unloaded (Free)")
-    assert state(worker) == pb.StatusResponse.UNINITIALIZED
+REPLACED = {"MaxModelLen": 1024}
+
+
+@pytest.fixture
+def replaced(workers, tiny_model_dir):
+    """A pooled worker with the tiny model loaded with `REPLACED` options: the
+    state the replacing test leaves, so the Free test (after it in this module)
+    needs no engine start of its own; run alone or first, it gets one."""
+    with workers.use(load=tiny_load_options(tiny_model_dir, **REPLACED)) as w:
+        yield w
 
 
 def test_replacing_load_cuts_running_requests_with_unavailable(worker, tiny_model_dir):
     old = engine_control.engine_processes(worker.proc.pid)
-    replace = lambda: load(worker, tiny_model_dir, MaxModelLen=1024)  # noqa: E731
+    replace = lambda: load(worker, tiny_model_dir, **REPLACED)  # noqa: E731
     result = _cut_by(worker, replace, "replaced (LoadModel)")
     assert "max_model_len 1024" in result.message, result.message  # the new options
     # The old engine is gone, a new one serves, and a request that runs to its
@@ -138,6 +144,12 @@ def test_replacing_load_cuts_running_requests_with_unavailable(worker, tiny_mode
     assert old and not left, f"old engine processes still running: {describe(left)}"
     assert engine_control.engine_processes(worker.proc.pid)
     assert worker.stub.Predict(greedy(Tokens=5), timeout=120).tokens == 5
+
+
+def test_free_cuts_running_stream_and_unary_with_unavailable(replaced):
+    free = lambda: replaced.stub.Free(pb.HealthMessage(), timeout=300)  # noqa: E731
+    _cut_by(replaced, free, "unloaded (Free)")
+    assert state(replaced) == pb.StatusResponse.UNINITIALIZED
 
 
 def test_drain_lets_short_requests_finish_and_cuts_the_rest(tiny_model_dir):

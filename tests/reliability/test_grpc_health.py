@@ -81,7 +81,9 @@ def test_health_follows_the_model(workers, transport, tiny_model_dir):
 def test_reflection_lists_and_describes_the_services(workers, transport):
     """grpcurl list / describe: grpc's own reflection client (v1alpha) against
     a real worker; v1, which grpcurl asks first, is listed too."""
-    with workers.use(env={"BACKEND_TRANSPORT": transport}) as worker:
+    env = {"BACKEND_TRANSPORT": transport} if transport != "h2" else None  # h2: the default
+    with workers.use(env=env) as worker:
+        assert f"transport {transport}" in worker.log_text()
         db = ProtoReflectionDescriptorDatabase(worker.channel)
         services = set(db.get_services())
         assert {
