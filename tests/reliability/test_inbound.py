@@ -775,9 +775,14 @@ XFAIL: dict[tuple[str, str], str] = {
     "grpc.max_allowed_incoming_connections are open, idle or not; it cannot evict one "
     "(measured: 510 idle attacker connections kept, the new client's Health refused)",
 }
-# C-core's costs that depend on how fast it works, so not strict: it may pass
-# on a faster machine.
+# C-core's failures that do not happen every time (they depend on how fast it
+# works, or on its timing), so not strict: it may pass.
 XFAIL_SLOW: dict[tuple[str, str], str] = {
+    ("grpcio", "data_after_end_stream"): "C-core does not always react to DATA sent after "
+    "END_STREAM (RFC 9113 §5.1: STREAM_CLOSED). 7 runs alone: RST_STREAM(PROTOCOL_ERROR) after "
+    "0.1-5.6 MiB (3), connection closed after 26-95 MiB (2), and twice it read all 256 MiB, "
+    "granting window, without a reaction (+4-5 MiB RSS, 0.2 s of worker CPU, probes 1 ms); "
+    "nothing is held",
     ("grpcio", "gzip_bomb_flood"): "C-core inflates every message to the 64 MiB limit and "
     "the 100 calls end CANCELLED (measured: 11.9 s of worker CPU, +274 MiB RSS, 10 of 11 "
     "Health probes failed, the one answered after 2.2 s)",
