@@ -36,7 +36,7 @@ from backend.engine_processes import (
     shm_segments,
     shutdown_timeout,
 )
-from backend.errors import InvalidArgument, Unavailable
+from backend.errors import EngineRequestError, InvalidArgument, Unavailable
 from backend.load_options import LoadPlan
 from backend.start_settings import apply_rope, construct, thread_binding_env
 
@@ -279,11 +279,19 @@ class Engine:
         """Raise Unavailable unless `out` is the engine's final output of a
         request that ran to its end (EOS, stop, length): vLLM ends an aborted
         request with finish_reason "abort" (Free, shutdown, its own aborts),
-        and a generator that stops without a finished output was cut too."""
+        and a generator that stops without a finished output was cut too.
+        finish_reason "error" raises EngineRequestError, naming vLLM's error."""
         aborted = out is None or not getattr(out, "finished", False)
         if not aborted:
             outputs = getattr(out, "outputs", None)
             if isinstance(outputs, list):
+                if any(c.finish_reason == "error" for c in outputs):
+                    error = getattr(out, "error", None)
+                    what = f"{error.code}: {error.message}" if error else 'finish_reason "error"'
+                    raise EngineRequestError(
+                        f"the engine failed this request ({what}); it can be sent again: "
+                        "its output is incomplete"
+                    )
                 aborted = any(c.finish_reason == "abort" for c in outputs)
             else:  # a pooling output: an aborted one carries an empty tensor
                 data = getattr(outputs, "data", None)

@@ -44,6 +44,12 @@ class Unavailable(BackendError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class EngineRequestError(Unavailable):
+    """vLLM ended the request with finish_reason "error": a failure of this
+    request alone, which vLLM calls retryable (a multimodal processor-cache miss,
+    a KV load failure); the engine stays healthy."""
+
+
 class Overloaded(BackendError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from backend import lora, replies, sampling
-from backend.errors import BackendError, Unavailable
+from backend.errors import BackendError, EngineRequestError, Unavailable
 from backend.gen import backend_pb2 as pb
 from backend.output.state import OutputState
 from backend.render import render
@@ -65,6 +65,44 @@ async def prepare(model: LoadedModel, req: GenerationRequest) -> Generation:
     if chosen is not None:
         engine_kwargs["lora_request"] = model.lora_requests[chosen]
     return Generation(rendered.engine_input, params, state, req.chat is not None, engine_kwargs)
+
+
+async def generate(
+    model: LoadedModel,
+    req: GenerationRequest,
+    request_id: str,
+    send: Send | None,
+    *,
+    count: Callable[[int, int], None],
+    debug: bool = False,
+) -> pb.Reply:
+    """`prepare`, then `run`; once more if vLLM failed the request before it
+    produced anything.
+
+    vLLM ends a request with finish_reason "error" when its engine core lacks a
+    multimodal item that the front end's processor cache says was sent (the
+    cache records an image while rendering a request that is then refused, so
+    the core never got it); the front end then drops the entry and expects the
+    request to be sent again. Rendering it again sends the image itself. Only the
+    last attempt's tokens are counted."""
+    last = (0, 0)
+
+    def hold(prompt_tokens: int, completion_tokens: int) -> None:
+        nonlocal last
+        last = (prompt_tokens, completion_tokens)
+
+    try:
+        for attempt in (1, 2):
+            gen = await prepare(model, req)
+            try:
+                return await run(model.engine, gen, request_id, send, count=hold, debug=debug)
+            except EngineRequestError as failed:
+                if attempt == 2 or last[1]:
+                    raise
+                log.info("request %s: %s; preparing and sending it again once", request_id, failed)
+        raise AssertionError("unreachable")
+    finally:
+        count(*last)
 
 
 @contextlib.contextmanager

@@ -327,10 +327,9 @@ class BackendServicer(backend_pb2_grpc.BackendServicer):
     ) -> pb.Reply:
         model = self._require_model(req.identity)
         with self._admitted():
-            gen = await generation.prepare(model, req)
-            return await generation.run(
-                model.engine,
-                gen,
+            return await generation.generate(
+                model,
+                req,
                 self._request_id(req.correlation_id, req.describe),
                 send,
                 count=self.counters.add,

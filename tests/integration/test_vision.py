@@ -247,6 +247,35 @@ def test_a_raw_prompt_without_the_placeholder_is_invalid_argument(vlm, rpc):
     )
 
 
+@pytest.mark.parametrize(("rpc", "seed"), [("Predict", 101), ("PredictStream", 102)])
+def test_an_image_first_seen_in_a_refused_request_is_answered_next_time(vlm, rpc, seed):
+    """Found by a shuffled run: vLLM's front end records an image in its
+    processor cache while it processes a raw Prompt that is then refused (no
+    placeholder), so the engine core never receives it. The next request with
+    that image reached the core as a reference to it, vLLM ended the request with
+    finish_reason "error" (retryable; its front end drops the entry), and the
+    worker answered OK with 0 tokens. Now such an error fails the call
+    UNAVAILABLE, and a request that produced nothing yet is sent again once.
+
+    The image is one this worker has never seen, so the refused request is
+    where it first meets it; the precondition (vLLM's cache-miss line) is
+    checked in the log."""
+    image = b64(picture(56, 56, seed=seed))
+    start = vlm.log_size()
+    refused = call_error(vlm, rpc, request("raw", [image], Prompt="Describe it."))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.details()
+    good = request("raw", [image], Tokens=2, IgnoreEOS=True)
+    if rpc == "Predict":
+        tokens = vlm.stub.Predict(good, timeout=120).tokens
+    else:
+        tokens = list(vlm.stub.PredictStream(good, timeout=120))[-1].tokens
+    log = vlm.log_since(start)
+    assert "Multi-modal cache miss" in log, "precondition: vLLM's cache drift did not happen"
+    assert "preparing and sending it again once" in log
+    assert tokens == 2
+    assert "Traceback" not in log
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_an_image_the_processor_refuses_is_named_without_vllms_internals(vlm, path):
     """Defect 5: a 600x2 image (PaddleOCR-VL refuses aspect ratios over 200)
