@@ -47,13 +47,21 @@ class Page:
         return any(n.startswith(prefix) for n, _, _ in self.samples)
 
 
+# The page each module worker served before any test could load a model in it
+# (scraped by `metered`): the before-load test reads it, whatever order the
+# module's tests run in.
+BEFORE_LOAD: dict[str, Page] = {}
+
+
 @pytest.fixture(scope="module")
 def metered() -> Iterator[tuple[Worker, str]]:
     port = free_port()
     w = Worker(
         args=["--metrics-addr", str(port), "--max-concurrent-requests", "1", "--debug-requests"]
     )
-    yield w, f"http://127.0.0.1:{port}/metrics"
+    url = f"http://127.0.0.1:{port}/metrics"
+    BEFORE_LOAD[url] = scrape(url)
+    yield w, url
     retire(w)
 
 
@@ -87,7 +95,7 @@ def handled(page: Page, method: str, code: str) -> float:
 
 def test_endpoint_serves_only_the_worker_metrics_before_a_model_is_loaded(metered):
     worker, url = metered
-    page = scrape(url)
+    page = BEFORE_LOAD[url]
     assert page.value("backend_requests_in_flight", model_name="") == 0
     assert not page.has("vllm:")
     assert page.has("process_cpu_seconds")
@@ -237,9 +245,16 @@ def _cancel_a_stream(worker: Worker, url: str, model: str) -> None:
 def test_free_and_reload_keep_the_page_whole(metered, tiny_model_dir):
     worker, url = metered
     model = str(tiny_model_dir)
+    # Its own precondition, whatever ran before in the module: a loaded model
+    # (the counters test leaves one) and traffic, so there are engine numbers to
+    # drop and ours to keep.
+    if worker.stub.Status(pb.HealthMessage(), timeout=10).state != pb.StatusResponse.READY:
+        result = worker.stub.LoadModel(tiny_load_options(tiny_model_dir), timeout=600)
+        assert result.success, f"{result.message}\n{worker.log_tail()}"
+    assert worker.stub.Predict(greedy(K), timeout=300).tokens == K
     before = scrape(url)
     ours = before.value("backend_generation_tokens_total")
-    assert ours > 0  # the traffic of the test above
+    assert ours >= K
 
     assert worker.stub.Free(pb.HealthMessage(), timeout=120).success
     freed = scrape(url)
