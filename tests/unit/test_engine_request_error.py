@@ -22,33 +22,23 @@ from backend.errors import EngineRequestError
 from backend.gen import backend_pb2 as pb
 from backend.model import LoadedModel
 from backend.request import GenerationRequest
+from tests.unit.test_pipeline import Engine as PipelineEngine
 
 
-class Engine:
-    """Each generate() call plays the next script: a list of (text, finish_reason)."""
+class Engine(PipelineEngine):
+    """test_pipeline's stand-in engine, with the real completeness check; each
+    generate() call plays the next script: a list of (text, finish_reason)."""
 
-    pooling = False
-    errored = False
-    closing = None
-    max_model_len = 1024
     ensure_complete = RealEngine.ensure_complete  # the real check, on these outputs
 
     def __init__(self, *scripts: list[tuple[str, str | None]]) -> None:
+        super().__init__()
         self.scripts = list(scripts)
         self.renders = 0
-        self.plan = SimpleNamespace(settings=SimpleNamespace(lora_adapters=[]))
-        self.tokenizer = SimpleNamespace(get_added_vocab=dict, decode=lambda ids: "x")
-        self.model_config = SimpleNamespace(get_diff_sampling_param=dict, served_model_name="m")
-
-    def media_limits(self) -> dict[str, int]:
-        return {}
 
     async def render_prompt(self, text: str, mm_data: Any = None) -> dict[str, Any]:
         self.renders += 1
-        return {"prompt_token_ids": [1, 2, 3]}
-
-    def sampling_params(self, kwargs: dict[str, Any], *, stream: bool) -> dict[str, Any]:
-        return kwargs
+        return await super().render_prompt(text, mm_data)
 
     async def generate(self, engine_input: Any, params: Any, request_id: str, **kw: Any):
         script = self.scripts.pop(0)
