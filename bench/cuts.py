@@ -7,9 +7,9 @@ change; the final Reply (usage, the last piece) is sent as always, so the
 client still counts every token and the per-token CPU stays comparable:
 
 * `nowrite`: every streamed Reply is built, serialized and framed as
-  `h2grpc.calls.Context.write` + `Sender.send_message` do (gRPC prefix, DATA
-  frame, a flush scheduled for the next loop turn), and the bytes are dropped
-  instead of written to the socket. B - B:nowrite = the socket write, the
+  `h2grpc.calls.Context.write` + `Sender.send_now` do for a stream alone on
+  its connection (gRPC prefix, DATA frame, written at once), and the bytes are
+  dropped instead of written to the socket. B - B:nowrite = the socket write, the
   kernel's loopback path and waking the client.
 * `discard`: every streamed Reply is built and handed to a send that drops it.
   B:nowrite - B:discard = the transport's Python work.
@@ -28,24 +28,19 @@ CUTS = ("nowrite", "discard", "nosend")
 
 
 def apply(cut: str) -> None:
-    import asyncio
-
     from backend.h2grpc.frames import DATA, GRPC_PREFIX, frame
     from backend.servicer import BackendServicer
 
     original = BackendServicer._generate
-    queued: list[bytes] = []
-
-    def flush() -> None:
-        queued.clear()
+    dropped: list[bytes] = []
 
     async def drop(reply: Any) -> None:
         return None
 
     async def unwritten(reply: Any) -> None:
         data = reply.SerializeToString()
-        queued.append(frame(DATA, 0, 1, GRPC_PREFIX.pack(0, len(data)) + data))
-        asyncio.get_running_loop().call_soon(flush)
+        dropped.append(frame(DATA, 0, 1, GRPC_PREFIX.pack(0, len(data)) + data))
+        dropped.clear()
 
     sends = {"nowrite": unwritten, "discard": drop, "nosend": None}
 

@@ -15,9 +15,10 @@ runs; on a shared machine the best is the figure least disturbed by others):
 * `frame`: `h2grpc.frames.frame` of one DATA frame;
 * `send_message`: `Sender.send_message` on a connection whose socket write is
   a no-op (window checks, flood credit, queue, `call_soon` of the flush);
-* `write_path`: `Context.write` → `Sender.send_message` → the flush in the next
-  loop turn, with a no-op socket (`serialize` + `frame` + `send_message` + the
-  extra loop turn);
+* `write_path`: `Context.write` of a stream alone on its connection, with a
+  no-op socket (`serialize` + `send_now`, written at once);
+  `write_path_shared`: the same with another stream open, so the frame is
+  queued and written by a flush in the next loop turn (minus a bare turn);
 * `run_loop`: `generation.run` over a fake engine that yields `n` outputs of one
   token each, with `Context.write` as above, minus the same fake engine read by
   a bare `async for` (what vLLM's in-process driver does per token);
@@ -80,9 +81,12 @@ class _Transport:
 
 
 class _Conn:
-    """What `Context.write` uses of a connection: its sender."""
+    """What `Context.write` uses of a connection: its sender, and how many
+    streams are open (one: a message is written at once; more: in the next
+    loop turn, with the others')."""
 
-    def __init__(self) -> None:
+    def __init__(self, open_streams: int = 1) -> None:
+        self.streams = SimpleNamespace(open=dict.fromkeys(range(open_streams)))
         self.sender = Sender(Flood(), lambda stream: None)
         self.sender.attach(_Transport())  # type: ignore[arg-type]
         self.sender.window = 2**62  # never blocks: flow control is not what is timed
@@ -171,6 +175,14 @@ async def measure(n: int) -> dict[str, float]:
             await asyncio.sleep(0)
 
     out["write_path"] = await best_us_async(writes, n) - await best_us_async(turns, n)
+    shared = Context(_Call(_Conn(open_streams=2), stream))  # type: ignore[arg-type]
+
+    async def shared_writes() -> None:
+        for _ in range(n):
+            await shared.write(message)
+            await asyncio.sleep(0)
+
+    out["write_path_shared"] = await best_us_async(shared_writes, n) - await best_us_async(turns, n)
 
     async def bare() -> None:
         async for _ in _Engine(n).generate():

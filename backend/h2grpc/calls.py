@@ -166,8 +166,9 @@ class Context:
         if stream.done:
             raise asyncio.CancelledError()
         data = message.SerializeToString()
-        sender = self._call.conn.sender
-        if not sender.send_now(stream, data):
+        conn = self._call.conn
+        sender = conn.sender
+        if not sender.send_now(stream, data, alone=len(conn.streams.open) == 1):
             await sender.send_message(stream, GRPC_PREFIX.pack(0, len(data)) + data)
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:

@@ -1,6 +1,7 @@
-"""What leaves one connection: frames batched into one write per loop turn, and
-reply DATA kept within the peer's flow-control windows and frame size (which
-its SETTINGS and WINDOW_UPDATE frames set)."""
+"""What leaves one connection: frames batched into one write per loop turn
+(a streamed message of a stream alone on its connection is written at once),
+and reply DATA kept within the peer's flow-control windows and frame size
+(which its SETTINGS and WINDOW_UPDATE frames set)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ class Sender:
         self.flood = flood
         self.sent = sent
         self.transport: asyncio.Transport | None = None
+        # Looked up once: asyncio.get_running_loop() costs a getpid() system
+        # call on every use (CPython 3.11 checks for a fork), once per token here.
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.closed = False  # the connection is closing: nothing more is written
         self.out: list[bytes] = []  # frames queued for this loop iteration's write
         self.flush_scheduled = False
@@ -66,7 +70,9 @@ class Sender:
         self.out.append(data)
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            if self.loop is None:
+                self.loop = asyncio.get_running_loop()
+            self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self.flush_scheduled = False
@@ -91,11 +97,15 @@ class Sender:
         if self.paused is not None and not self.paused.done():
             self.paused.set_result(None)
 
-    def send_now(self, stream: Stream, message: bytes) -> bool:
+    def send_now(self, stream: Stream, message: bytes, *, alone: bool = False) -> bool:
         """The common case of a streamed message, without a coroutine: the
         reply's headers are out, nothing waits for window, the windows take
-        it, it fits one frame and the socket is not full. Queues it as one
-        DATA frame and returns True; False: `send_message` must (it waits)."""
+        it, it fits one frame and the socket is not full. Sends it as one
+        DATA frame and returns True; False: `send_message` must (it waits).
+
+        `alone`: no other stream of the connection is open, so no other
+        message can share this one's write: it is written now, not on the
+        loop's next turn (which would cost a turn of the loop per token)."""
         size = len(message) + 5
         if (
             not stream.headers_sent
@@ -109,7 +119,10 @@ class Sender:
         self.window -= size
         stream.spend(size)
         self.flood.earn(1)
-        self.write(data_message(stream.id, message))
+        if alone and not self.out and self.transport is not None and not self.closed:
+            self.transport.write(data_message(stream.id, message))
+        else:
+            self.write(data_message(stream.id, message))
         return True
 
     async def send_message(self, stream: Stream, payload: bytes) -> None:

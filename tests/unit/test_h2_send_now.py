@@ -94,3 +94,47 @@ def test_it_waits_while_the_socket_is_full():
     assert not sender.send_now(stream, b"x")
     sender.resume()
     assert sender.send_now(stream, b"x")
+
+
+@in_loop
+def test_a_lone_streams_message_is_written_at_once():
+    """No other stream is open: waiting for the loop's next turn would batch
+    nothing and cost a turn per token."""
+    sender, stream, transport = sender_and_stream()
+    stream.start_reply()
+    assert sender.send_now(stream, b"now", alone=True)
+    assert transport.written == [data_message(1, b"now")]
+    assert not sender.out and not sender.flush_scheduled
+
+
+@in_loop
+def test_a_lone_message_keeps_its_place_behind_frames_already_queued():
+    sender, stream, transport = sender_and_stream()
+    stream.start_reply()
+    sender.write(b"queued-first")
+    assert sender.send_now(stream, b"later", alone=True)
+    assert transport.written == [], "it waits with what was queued before it"
+    sender.flush()
+    assert transport.written == [b"queued-first" + data_message(1, b"later")]
+
+
+@in_loop
+def test_messages_of_streams_sharing_a_connection_leave_in_one_write():
+    sender, first, transport = sender_and_stream()
+    second = Stream(3, [], 65_535)
+    for stream in (first, second):
+        stream.start_reply()
+        assert sender.send_now(stream, b"token", alone=False)
+    assert transport.written == []
+    sender.flush()
+    assert transport.written == [data_message(1, b"token") + data_message(3, b"token")]
+
+
+@in_loop
+def test_nothing_is_written_once_the_connection_closes():
+    sender, stream, transport = sender_and_stream()
+    stream.start_reply()
+    sender.stop()
+    sender.send_now(stream, b"late", alone=True)
+    sender.flush()
+    assert transport.written == []
