@@ -55,13 +55,22 @@ def test_watch_sends_the_current_status_then_each_change_once() -> None:
     health = HealthService(lambda: state["up"], poll_interval=0.01)
     ctx = Context()
 
+    async def sent(n: int) -> None:
+        # Each change waits for the message before it (polled, not timed: a
+        # loaded machine delays the watch without changing what it sends).
+        for _ in range(1000):
+            if len(ctx.written) >= n:
+                return
+            await asyncio.sleep(0.01)
+
     async def run() -> None:
         task = asyncio.create_task(health.Watch(hpb.HealthCheckRequest(), ctx))
-        await asyncio.sleep(0.05)
+        await sent(1)
         state["up"] = True
-        await asyncio.sleep(0.05)
+        await sent(2)
         state["up"] = False
-        await asyncio.sleep(0.05)
+        await sent(3)
+        await asyncio.sleep(0.05)  # five more polls: nothing is sent twice
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
