@@ -32,15 +32,13 @@ def apply(cut: str) -> None:
     from backend.servicer import BackendServicer
 
     original = BackendServicer._generate
-    dropped: list[bytes] = []
 
     async def drop(reply: Any) -> None:
         return None
 
     async def unwritten(reply: Any) -> None:
         data = reply.SerializeToString()
-        dropped.append(frame(DATA, 0, 1, GRPC_PREFIX.pack(0, len(data)) + data))
-        dropped.clear()
+        frame(DATA, 0, 1, GRPC_PREFIX.pack(0, len(data)) + data)  # built, never written
 
     sends = {"nowrite": unwritten, "discard": drop, "nosend": None}
 

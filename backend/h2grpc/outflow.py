@@ -40,9 +40,6 @@ class Sender:
         self.flood = flood
         self.sent = sent
         self.transport: asyncio.Transport | None = None
-        # Looked up once: asyncio.get_running_loop() costs a getpid() system
-        # call on every use (CPython 3.11 checks for a fork), once per token here.
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.closed = False  # the connection is closing: nothing more is written
         self.out: list[bytes] = []  # frames queued for this loop iteration's write
         self.flush_scheduled = False
@@ -56,22 +53,28 @@ class Sender:
 
     def attach(self, transport: asyncio.Transport) -> None:
         self.transport = transport
+        # Looked up once: asyncio.get_running_loop() costs a getpid() system
+        # call on every use (CPython 3.11 checks for a fork), once per token here.
+        self.loop = asyncio.get_running_loop()
 
     def stop(self) -> None:
         """The connection is closing: what is queued from now on is dropped."""
         self.closed = True
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, *, now: bool = False) -> None:
         """Queue `data`; everything queued in one event-loop iteration leaves in
         one socket write. At concurrency N one engine step wakes N streams, and
-        their N messages then cost one syscall instead of N."""
+        their N messages then cost one syscall instead of N. `now`: nothing
+        else can share the write, so unless frames already wait, it is made at
+        once rather than on the loop's next turn."""
         if self.transport is None or self.closed:
+            return
+        if now and not self.out:
+            self.transport.write(data)
             return
         self.out.append(data)
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            if self.loop is None:
-                self.loop = asyncio.get_running_loop()
             self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
@@ -119,10 +122,7 @@ class Sender:
         self.window -= size
         stream.spend(size)
         self.flood.earn(1)
-        if alone and not self.out and self.transport is not None and not self.closed:
-            self.transport.write(data_message(stream.id, message))
-        else:
-            self.write(data_message(stream.id, message))
+        self.write(data_message(stream.id, message), now=alone)
         return True
 
     async def send_message(self, stream: Stream, payload: bytes) -> None:
