@@ -158,8 +158,12 @@ def test_drain_lets_short_requests_finish_and_cuts_the_rest(tiny_model_dir):
 
     Both are sent with the core stopped; after Free starts draining, the core
     runs until the worker logs the short generation's end (8 tokens), then is
-    stopped again, so the long one cannot finish within the drain period."""
-    drain = 3.0
+    stopped again. The long one cannot finish within the drain period even if
+    the core is stopped late: at full speed its 2,000 tokens take ~3 s here
+    (2,000 steps of ~1.5 ms), three times the drain. (With a drain of 3 s, a
+    CI run stopped the core only after the long one had finished: the process
+    that stops it waited seconds to be scheduled while the engine ran.)"""
+    drain = 1.0
     w = Worker(env={"BACKEND_DRAIN_SECONDS": str(drain)}, args=["--debug-requests"])
     try:
         load(w, tiny_model_dir)
@@ -181,7 +185,6 @@ def test_drain_lets_short_requests_finish_and_cuts_the_rest(tiny_model_dir):
             engine_control.stop(core)
             assert short.done.wait(60) and short.code is None, short.describe()
             assert short.replies[-1].tokens == 8, short.describe()
-            assert not long.done.is_set(), long.describe()
             _assert_cut(long, "unloaded (Free)")
         freeing.join(300)
         assert outcome and outcome[0].success
