@@ -348,6 +348,8 @@ EOF
 # ------------------------------------------------------------------------------------
 UV_VERSION=0.13.9
 UV_BIN="$DIR/.cache/uv-$UV_VERSION/bin/uv"
+# What uv always gets; uv_plan adds pip's configuration (--uv-plan prints the same).
+UV_INSTALL=(pip install --python "$VPY" --compile-bytecode --index-strategy unsafe-best-match)
 UV_ARGS=()
 UV_ENV=()
 UV_NOT=""
@@ -432,7 +434,7 @@ get_uv() { # true when $UV_BIN runs, installing it with the venv's pip if needed
   [[ -x "$UV_BIN" ]] && "$UV_BIN" --version >/dev/null 2>&1 && return 0
   local target="${UV_BIN%/bin/uv}"
   rm -rf "$target"
-  "$VPY" -m pip install --no-input --quiet --disable-pip-version-check --no-deps \
+  "${PIP[@]}" install --no-input --quiet --disable-pip-version-check --no-deps \
     --target "$target" "uv==$UV_VERSION" && "$UV_BIN" --version >/dev/null 2>&1
 }
 
@@ -449,12 +451,11 @@ pip_or_uv_install() {
       warn "installer: pip, not uv: uv==$UV_VERSION could not be installed with pip (see above)"
     else
       log "installer: uv $UV_VERSION ${UV_ARGS[*]} (${UV_ENV[*]})"
-      env "${UV_ENV[@]}" "$UV_BIN" pip install --python "$VPY" --compile-bytecode \
-        --index-strategy unsafe-best-match "${UV_ARGS[@]}" "$@"
+      env "${UV_ENV[@]}" "$UV_BIN" "${UV_INSTALL[@]}" "${UV_ARGS[@]}" "$@"
       return
     fi
   fi
-  "$VPY" -m pip install "${PIP_COMMON[@]}" "$@"
+  "${PIP[@]}" install "${PIP_COMMON[@]}" "$@"
 }
 
 if [[ "$UV_PLAN_ONLY" == 1 ]]; then
@@ -463,7 +464,8 @@ if [[ "$UV_PLAN_ONLY" == 1 ]]; then
   if [[ -n "$UV_NOT" ]]; then
     echo "pip installs, not uv: $UV_NOT"
   else
-    printf 'uv pip install --python %s --compile-bytecode --index-strategy unsafe-best-match' "$VPY"
+    printf 'uv'
+    printf ' %q' "${UV_INSTALL[@]}"
     [[ ${#UV_ARGS[@]} -eq 0 ]] || printf ' %q' "${UV_ARGS[@]}"
     printf '\nenvironment:'
     [[ ${#UV_ENV[@]} -eq 0 ]] || printf ' %q' "${UV_ENV[@]}"
